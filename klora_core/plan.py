@@ -1,0 +1,210 @@
+"""``build_plan``: score a subject/style LoRA pair once, then answer "which delta at which step".
+
+Inputs are ``{weight_key: delta}`` mappings where a delta is ``(up, down)``
+(``up @ down`` is the already-scaled delta, conv factors flattened to 2-D) or a
+dense tensor.  Keys present in both mappings are scored; keys in only one are
+listed in ``subject_only`` / ``style_only`` (callers apply them as plain LoRAs).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Callable, Mapping, Optional, Union
+
+from . import schedule
+from .errors import KLoRAError
+from .gamma import compute_gamma, ratios_from_l1
+from .scoring import DEFAULT_BLOCK_ELEMENTS, Delta, delta_numel, delta_rank, delta_stats
+
+RankSpec = Union[None, int, Mapping[str, int]]
+
+
+@dataclass(frozen=True)
+class WeightScore:
+    """Scores of one weight both LoRAs cover (sums of absolute delta entries, float64)."""
+
+    subject_topk: float  # T_S: sum of the K largest |dS|
+    style_topk: float  # T_T: sum of the K largest |dT|
+    subject_l1: float  # sum |dS|
+    style_l1: float  # sum |dT|
+    k: int  # K actually used (rank_S * rank_T capped at the element count)
+    subject_rank: int
+    style_rank: int
+
+
+@dataclass(frozen=True)
+class KLoRAPlan:
+    """Scores of a LoRA pair plus a schedule; cheap to re-schedule with :meth:`with_schedule`.
+
+    Attributes:
+        gamma: global balance factor (unitless, > 0).
+        details: ``{key: WeightScore}`` for the keys both LoRAs cover, in input order.
+        subject_only / style_only: keys only one LoRA covers (apply them as a plain LoRA would).
+        alpha, beta, pattern: the style-factor schedule.
+    """
+
+    gamma: float
+    details: Mapping[str, WeightScore]
+    subject_only: tuple
+    style_only: tuple
+    alpha: float
+    beta: float
+    pattern: str
+    ratios: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def scores(self) -> dict:
+        """``{key: (T_subject, T_style)}`` for the keys both LoRAs cover."""
+        return {k: (d.subject_topk, d.style_topk) for k, d in self.details.items()}
+
+    @property
+    def keys(self) -> tuple:
+        return tuple(self.details)
+
+    def with_schedule(self, alpha: Optional[float] = None, beta: Optional[float] = None, pattern: Optional[str] = None) -> "KLoRAPlan":
+        """The same scores under another schedule (no rescoring)."""
+        pattern = schedule.check_pattern(self.pattern if pattern is None else pattern)
+        a, b = schedule.check_alpha_beta(self.alpha if alpha is None else alpha, self.beta if beta is None else beta)
+        return replace(self, alpha=a, beta=b, pattern=pattern)
+
+    def scale(self, progress: float) -> float:
+        """The style factor at ``progress`` in [0, 1]."""
+        return schedule.style_scale(progress, self.alpha, self.beta, self.pattern)
+
+    def uses_subject(self, key: str, progress: float) -> bool:
+        """True when weight ``key`` takes the subject delta at ``progress`` (``T_S / gamma > T_T * scale``)."""
+        d = self.details[key]
+        return d.subject_topk / self.gamma > d.style_topk * self.scale(progress)
+
+    def choose(self, progress: float) -> dict:
+        """``{key: True if subject}`` for every shared key at ``progress``."""
+        scale = self.scale(progress)
+        gamma = self.gamma
+        return {k: d.subject_topk / gamma > d.style_topk * scale for k, d in self.details.items()}
+
+    def selection(self, steps: int) -> dict:
+        """``{key: [bool] * steps}``: True = subject delta at step ``i`` (progress ``i / steps``)."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise KLoRAError(f"steps must be a positive integer, got {steps!r}")
+        per_step = [self.choose(schedule.step_progress(i, steps)) for i in range(steps)]
+        return {k: [c[k] for c in per_step] for k in self.details}
+
+
+def _rank_for(spec: RankSpec, key: str, side: str) -> Optional[int]:
+    if spec is None:
+        return None
+    if isinstance(spec, Mapping):
+        value = spec.get(key)
+    else:
+        value = spec
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise KLoRAError(f"{side}_rank for weight {key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def _resolve_rank(delta: Delta, spec: RankSpec, key: str, side: str) -> int:
+    """Rank of the delta: the factor's inner dimension, else the caller's ``<side>_rank``."""
+    given = _rank_for(spec, key, side)
+    inner = delta_rank(delta, key)
+    if inner is not None:
+        return given if given is not None else inner
+    if given is None:
+        raise KLoRAError(
+            f"{side} delta for weight {key!r} is a dense tensor, which carries no rank: "
+            f"pass {side}_rank=<int> (or a {{key: int}} mapping) to build_plan"
+        )
+    return given
+
+
+def build_plan(
+    subject: Mapping[str, Delta],
+    style: Mapping[str, Delta],
+    alpha: Optional[float] = None,
+    beta: Optional[float] = None,
+    pattern: str = schedule.PATTERN_S,
+    *,
+    subject_rank: RankSpec = None,
+    style_rank: RankSpec = None,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> KLoRAPlan:
+    """Score a subject/style LoRA pair and return a :class:`KLoRAPlan`.
+
+    Args:
+        subject, style: ``{weight_key: (up, down)}`` (``up @ down`` is the
+            already-scaled delta; conv factors may keep their 4-D shapes and
+            are flattened) or ``{weight_key: dense_delta_tensor}``.
+        alpha, beta: schedule parameters; None takes the pattern's paper default
+            (``s``: 1.5, 0.5; ``s*``: 1.5, 1.275).
+        pattern: ``"s"`` or ``"s*"``.
+        subject_rank, style_rank: the rank of dense deltas, which carry none
+            (an int for all keys or a ``{key: int}`` mapping).  For ``(up, down)``
+            deltas the rank is the inner dimension unless given here.
+            K = subject_rank * style_rank per weight, capped at its element count.
+        block_elements: most dense-delta entries held at once while scoring.
+        progress: optional ``callback(done, total)`` called after each weight.
+
+    Scoring runs on the device of the given tensors, one weight at a time.
+    """
+    pattern = schedule.check_pattern(pattern)
+    default_alpha, default_beta = schedule.DEFAULTS[pattern]
+    alpha, beta = schedule.check_alpha_beta(default_alpha if alpha is None else alpha, default_beta if beta is None else beta)
+
+    shared = [k for k in subject if k in style]
+    subject_only = tuple(k for k in subject if k not in style)
+    style_only = tuple(k for k in style if k not in subject)
+    if not shared:
+        raise KLoRAError(
+            "no weight is covered by both LoRAs, so there is nothing to choose between; "
+            "check that the subject and style LoRAs were trained for the same base model"
+        )
+
+    details = {}
+    for index, key in enumerate(shared):
+        s_delta, t_delta = subject[key], style[key]
+        s_numel, t_numel = delta_numel(s_delta, key), delta_numel(t_delta, key)
+        if s_numel != t_numel:
+            raise KLoRAError(
+                f"weight {key!r}: subject delta has {s_numel} entries but style delta has {t_numel}; "
+                "the two LoRAs were trained for different models"
+            )
+        s_rank = _resolve_rank(s_delta, subject_rank, key, "subject")
+        t_rank = _resolve_rank(t_delta, style_rank, key, "style")
+        k = min(s_rank * t_rank, s_numel)
+        s_stats = delta_stats(s_delta, k, key, block_elements)
+        t_stats = delta_stats(t_delta, k, key, block_elements)
+        details[key] = WeightScore(
+            subject_topk=s_stats.topk_sum,
+            style_topk=t_stats.topk_sum,
+            subject_l1=s_stats.l1,
+            style_l1=t_stats.l1,
+            k=k,
+            subject_rank=s_rank,
+            style_rank=t_rank,
+        )
+        if progress is not None:
+            progress(index + 1, len(shared))
+
+    return plan_from_scores(details, subject_only, style_only, alpha, beta, pattern)
+
+
+def plan_from_scores(details, subject_only=(), style_only=(), alpha=None, beta=None, pattern=schedule.PATTERN_S) -> KLoRAPlan:
+    """Build a plan from already computed :class:`WeightScore` values (e.g. from a cache)."""
+    pattern = schedule.check_pattern(pattern)
+    default_alpha, default_beta = schedule.DEFAULTS[pattern]
+    alpha, beta = schedule.check_alpha_beta(default_alpha if alpha is None else alpha, default_beta if beta is None else beta)
+    ratios = ratios_from_l1({k: (d.subject_l1, d.style_l1) for k, d in details.items()})
+    gamma = compute_gamma(ratios.values())
+    assert math.isfinite(gamma)
+    return KLoRAPlan(
+        gamma=gamma,
+        details=dict(details),
+        subject_only=tuple(subject_only),
+        style_only=tuple(style_only),
+        alpha=alpha,
+        beta=beta,
+        pattern=pattern,
+        ratios=ratios,
+    )
