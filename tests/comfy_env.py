@@ -1,0 +1,176 @@
+"""Import a real ComfyUI in-process for tests, and import this repository as a pack.
+
+    from comfy_env import setup_comfy, load_pack
+    root = setup_comfy()          # ComfyUI root path; comfy.* importable, CPU only
+    pack = load_pack()            # this repository as package ``klora_pack``
+
+Where ComfyUI is found (same rules as scripts/setup_comfyui_env.sh):
+1. ``COMFYUI_PATH`` (any ComfyUI checkout, e.g. a user's own install);
+2. else the path written by that script to ``$KLORA_ENV_DIR/comfyui_path``
+   (``KLORA_ENV_DIR`` defaults to ``~/.cache/klora-comfyui``).
+
+Why the ordering rules below matter:
+- ComfyUI parses the command line at import time unless told not to, and would
+  choke on pytest's arguments.
+- ``comfy.model_management`` picks its device when first imported, so
+  ``args.cpu`` must be set before anything imports it.
+- ComfyUI's ``nodes.py`` imports ``utils.extra_config``; ``utils`` must be
+  ComfyUI's package (not some other ``utils`` module) when that happens.
+- This pack has a subpackage ``nodes/`` that clashes with ComfyUI's top-level
+  ``nodes.py``: the repository root must never precede ComfyUI's root on
+  ``sys.path``, and the pack is only ever imported as package ``klora_pack``.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+import types
+from pathlib import Path
+
+logger = logging.getLogger("klora.tests.comfy_env")
+
+#: Name under which the repository is imported as a package.
+PACK_NAME = "klora_pack"
+#: Repository root (this file lives in <root>/tests/).
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SETUP_HINT = (
+    "build the cached test environment with scripts/setup_comfyui_env.sh "
+    "(or point COMFYUI_PATH at a ComfyUI checkout) and run pytest with that venv's python"
+)
+
+_comfy_root: Path | None = None
+
+
+class ComfyEnvError(RuntimeError):
+    """ComfyUI could not be located or imported; the message says how to fix it."""
+
+
+def env_dir() -> Path:
+    """Directory of the cached test environment (``KLORA_ENV_DIR`` or ~/.cache/klora-comfyui)."""
+    return Path(os.environ.get("KLORA_ENV_DIR") or Path.home() / ".cache" / "klora-comfyui")
+
+
+def find_comfy_root() -> Path:
+    """Locate the ComfyUI root (folder holding ``nodes.py`` and ``comfy/``) without importing it."""
+    explicit = os.environ.get("COMFYUI_PATH")
+    if explicit:
+        root = Path(explicit).expanduser()
+        source = f"COMFYUI_PATH={explicit}"
+    else:
+        marker = env_dir() / "comfyui_path"
+        if not marker.is_file():
+            raise ComfyEnvError(f"ComfyUI not found: {marker} does not exist; {SETUP_HINT}")
+        root = Path(marker.read_text().strip()).expanduser()
+        source = str(marker)
+    if not (root / "nodes.py").is_file() or not (root / "comfy").is_dir():
+        raise ComfyEnvError(f"{root} (from {source}) is not a ComfyUI checkout (no nodes.py / comfy/); {SETUP_HINT}")
+    return root.resolve()
+
+
+def _module_file_under(name: str, root: Path) -> bool:
+    """True when module ``name`` is not imported yet or was imported from under ``root``."""
+    mod = sys.modules.get(name)
+    if mod is None:
+        return True
+    origin = getattr(mod, "__file__", None) or ""
+    if not origin and getattr(mod, "__path__", None):
+        origin = next(iter(mod.__path__), "")
+    try:
+        Path(origin).resolve().relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def setup_comfy() -> Path:
+    """Make ComfyUI importable in this process (CPU only) and return its root path.
+
+    Idempotent. Raises ComfyEnvError (pointing at scripts/setup_comfyui_env.sh)
+    when ComfyUI is missing or fails to import.
+    """
+    global _comfy_root
+    if _comfy_root is not None:
+        return _comfy_root
+    root = find_comfy_root()
+    # Put ComfyUI's root strictly first: ``python -m pytest`` puts the current
+    # directory (often this repository, whose ``nodes/`` would shadow
+    # ComfyUI's ``nodes.py``) at sys.path[0].
+    sys.path[:] = [p for p in sys.path if _resolved(p) != root]
+    sys.path.insert(0, str(root))
+    for name in ("nodes", "utils", "comfy"):
+        if not _module_file_under(name, root):
+            raise ComfyEnvError(
+                f"module {name!r} was already imported from {sys.modules[name]!r} before ComfyUI was set up; "
+                "import comfy_env.setup_comfy() before anything imports it"
+            )
+    try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing(False)
+        import comfy.cli_args
+
+        comfy.cli_args.args.cpu = True
+        import comfy.model_management  # noqa: F401  (device chosen now: CPU)
+        import utils.extra_config  # noqa: F401  (must precede ``import nodes``)
+        import nodes  # noqa: F401
+    except Exception as exc:  # any import failure means a broken environment
+        raise ComfyEnvError(f"importing ComfyUI from {root} failed: {exc!r}; {SETUP_HINT}") from exc
+    _comfy_root = root
+    logger.debug("ComfyUI imported from %s", root)
+    return root
+
+
+def _resolved(p: str) -> Path | None:
+    try:
+        return Path(p or ".").resolve()
+    except OSError:
+        return None
+
+
+def load_pack(bare: bool = False) -> types.ModuleType:
+    """Import this repository as package ``klora_pack`` (after setup_comfy()) and return it.
+
+    ``bare=True`` registers the package without running its ``__init__.py``
+    (no node registration), so single product modules such as
+    ``klora_pack.nodes.lora_keys`` can be imported on their own; a later
+    ``load_pack()`` runs ``__init__.py`` in that same module object.
+    """
+    setup_comfy()
+    init = REPO_ROOT / "__init__.py"
+    mod = sys.modules.get(PACK_NAME)
+    if mod is not None and (bare or not getattr(mod, "_klora_bare", False)):
+        return mod
+    if bare:
+        mod = types.ModuleType(PACK_NAME, "K-LoRA pack (bare test import; __init__.py not run)")
+        mod.__path__ = [str(REPO_ROOT)]
+        mod.__file__ = str(init)
+        mod.__package__ = PACK_NAME
+        mod._klora_bare = True
+        sys.modules[PACK_NAME] = mod
+        return mod
+    if not init.is_file():
+        raise ComfyEnvError(f"{init} does not exist yet: the pack cannot be imported as a package")
+    spec = importlib.util.spec_from_file_location(PACK_NAME, init, submodule_search_locations=[str(REPO_ROOT)])
+    if mod is None:
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[PACK_NAME] = mod
+    else:
+        # Upgrade a bare import in place so already-imported submodules stay valid.
+        mod.__spec__ = spec
+        mod.__loader__ = spec.loader
+        del mod._klora_bare
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        sys.modules.pop(PACK_NAME, None)
+        raise
+    return mod
+
+
+def import_pack_module(relname: str, bare: bool = True) -> types.ModuleType:
+    """Import ``klora_pack.<relname>`` (e.g. ``"nodes.lora_keys"``), loading the pack first."""
+    load_pack(bare=bare)
+    return importlib.import_module(f"{PACK_NAME}.{relname}")

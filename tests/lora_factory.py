@@ -1,0 +1,221 @@
+"""Seeded LoRA state dicts for a tiny ModelPatcher, in the key styles users meet.
+
+    sd, truth = make_lora(model_patcher, style="peft", rank=4, alpha=None, scope="attn", seed=0)
+
+Styles (``STYLES``), with example names for the tiny models of tiny_models.py:
+- ``"kohya"``: ComfyUI/ldm module path with ``_``:
+  ``lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_down.weight``
+  / ``.lora_up.weight`` / ``.alpha`` (what kohya sd-scripts writes for SDXL
+  and FLUX: ``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``).
+- ``"kohya_diffusers"`` (UNets only): diffusers path with ``_``, as sd-scripts
+  writes for SD1.5:
+  ``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight``.
+- ``"diffusers"``: UNet ``unet.<diffusers path>.lora.down.weight`` / ``.lora.up.weight``
+  (``unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight``);
+  FLUX ``transformer.<diffusers path>.lora_A.weight`` / ``.lora_B.weight``
+  (``transformer.transformer_blocks.0.attn.to_q.lora_A.weight``, whose delta
+  lands in rows [0, 64) of ``double_blocks.0.img_attn.qkv.weight``).
+- ``"peft"``: UNet ``unet.<diffusers path>.lora_A.weight`` / ``.lora_B.weight``;
+  FLUX bare ``<diffusers path>.lora_A.weight`` (``get_peft_model_state_dict``).
+- ``"peft_base"``: ``base_model.model.<diffusers path>.lora_A.weight`` (a saved PeftModel).
+Alpha, when given, is stored as ``<base name>.alpha`` (0-d tensor) in every style.
+
+Scopes: ``"attn"``: UNet attn1/attn2 to_q, to_k, to_v, to_out.0; FLUX
+img_attn/txt_attn qkv and proj (diffusers: to_q/k/v, add_q/k/v_proj, to_out.0,
+to_add_out) and single-block linear1/linear2 (diffusers: to_q/k/v, proj_mlp,
+proj_out). ``"all"``: every Linear/conv weight (ndim >= 2) the style can
+name. FLUX diffusers ``norm_out.linear`` is left out: ComfyUI applies
+``swap_scale_shift`` to its delta, which the truth tuple cannot express.
+
+``truth`` is built from the naming convention, not from ComfyUI's LoRA parser:
+``{model weight key: [(up, down, scale, offset_or_None), ...]}``, e.g.
+``"diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"``;
+``scale`` = alpha / rank (1.0 without alpha); ``offset`` = ``(dim, start, length)``
+of the slice of a fused weight the delta lands in. Expected patched weight:
+``W0 + strength * scale * (up.flatten(1) @ down.flatten(1)).reshape(slice shape)``.
+UNet diffusers names come from ``comfy.utils.unet_to_diffusers`` (name
+correspondence only; where two names map to one weight the lexicographically
+first, ``add_embedding``, is used); the FLUX table is written out here.
+
+Values: down ~ N(0, 1) * 0.1 * m, up ~ N(0, 1) * 0.1 * m * ``scale_mult``,
+with a per-module magnitude m drawn log-uniformly in [0.5, 2], all from one
+generator seeded with ``seed`` and modules visited in sorted name order.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from comfy_env import setup_comfy
+
+STYLES = ("kohya", "kohya_diffusers", "diffusers", "peft", "peft_base")
+SCOPES = ("attn", "all")
+
+_SUFFIXES = {
+    # style: (down suffix, up suffix)
+    "kohya": (".lora_down.weight", ".lora_up.weight"),
+    "kohya_diffusers": (".lora_down.weight", ".lora_up.weight"),
+    "diffusers": (".lora.down.weight", ".lora.up.weight"),
+    "peft": (".lora_A.weight", ".lora_B.weight"),
+    "peft_base": (".lora_A.weight", ".lora_B.weight"),
+}
+_UNET_ATTN = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
+_FLUX_LDM_ATTN = re.compile(r"(\.(img_attn|txt_attn)\.(qkv|proj)|^single_blocks\.\d+\.linear[12])$")
+_FLUX_DIFFUSERS_ATTN = re.compile(
+    r"(\.attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0|to_add_out)"
+    r"|^single_transformer_blocks\.\d+\.(proj_mlp|proj_out))$"
+)
+
+
+def family_of(model_patcher) -> str:
+    """Return ``"flux"`` for FLUX-family models, ``"unet"`` for SD-style UNets."""
+    import comfy.model_base
+
+    return "flux" if isinstance(model_patcher.model, comfy.model_base.Flux) else "unet"
+
+
+def _ldm_modules(sd: dict) -> dict:
+    """``{ldm path: (model key, None)}`` for every weight with ndim >= 2."""
+    out = {}
+    for key, tensor in sd.items():
+        if key.startswith("diffusion_model.") and key.endswith(".weight") and tensor.ndim >= 2:
+            out[key[len("diffusion_model."):-len(".weight")]] = (key, None)
+    return out
+
+
+def _unet_diffusers_modules(model, sd: dict) -> dict:
+    """``{diffusers path: (model key, None)}`` via comfy.utils.unet_to_diffusers (names only)."""
+    import comfy.utils
+
+    out, seen = {}, set()
+    for dname, ldm in sorted(comfy.utils.unet_to_diffusers(model.model_config.unet_config).items()):
+        key = "diffusion_model." + ldm
+        if dname.endswith(".weight") and key in sd and sd[key].ndim >= 2 and key not in seen:
+            seen.add(key)  # first (sorted) name wins: add_embedding over class_embedding
+            out[dname[: -len(".weight")]] = (key, None)
+    return out
+
+
+def _flux_diffusers_modules(model, sd: dict) -> dict:
+    """``{diffusers path: (model key, offset or None)}`` for FLUX, written from the diffusers layout."""
+    h = model.model_config.unet_config["hidden_size"]
+    out = {}
+
+    def add(dpath, ldm, offset=None):
+        key = "diffusion_model.{}.weight".format(ldm)
+        if key in sd:
+            out[dpath] = (key, offset)
+
+    qkv = {"q": (0, 0, h), "k": (0, h, h), "v": (0, 2 * h, h)}
+    i = 0
+    while "diffusion_model.double_blocks.{}.img_attn.qkv.weight".format(i) in sd:
+        d, b = "transformer_blocks.{}.".format(i), "double_blocks.{}.".format(i)
+        for c in "qkv":
+            add(d + "attn.to_" + c, b + "img_attn.qkv", qkv[c])
+            add(d + "attn.add_{}_proj".format(c), b + "txt_attn.qkv", qkv[c])
+        for dn, ln in (("attn.to_out.0", "img_attn.proj"), ("attn.to_add_out", "txt_attn.proj"),
+                       ("norm1.linear", "img_mod.lin"), ("norm1_context.linear", "txt_mod.lin"),
+                       ("ff.net.0.proj", "img_mlp.0"), ("ff.net.2", "img_mlp.2"),
+                       ("ff_context.net.0.proj", "txt_mlp.0"), ("ff_context.net.2", "txt_mlp.2")):
+            add(d + dn, b + ln)
+        i += 1
+    i = 0
+    while "diffusion_model.single_blocks.{}.linear1.weight".format(i) in sd:
+        d, b = "single_transformer_blocks.{}.".format(i), "single_blocks.{}.".format(i)
+        mlp = sd["diffusion_model.{}linear1.weight".format(b)].shape[0] - 3 * h
+        for c in "qkv":
+            add(d + "attn.to_" + c, b + "linear1", qkv[c])
+        add(d + "proj_mlp", b + "linear1", (0, 3 * h, mlp))
+        add(d + "proj_out", b + "linear2")
+        add(d + "norm.linear", b + "modulation.lin")
+        i += 1
+    for dn, ln in (("x_embedder", "img_in"), ("context_embedder", "txt_in"), ("proj_out", "final_layer.linear"),
+                   ("time_text_embed.timestep_embedder.linear_1", "time_in.in_layer"),
+                   ("time_text_embed.timestep_embedder.linear_2", "time_in.out_layer"),
+                   ("time_text_embed.text_embedder.linear_1", "vector_in.in_layer"),
+                   ("time_text_embed.text_embedder.linear_2", "vector_in.out_layer"),
+                   ("time_text_embed.guidance_embedder.linear_1", "guidance_in.in_layer"),
+                   ("time_text_embed.guidance_embedder.linear_2", "guidance_in.out_layer")):
+        add(dn, ln)
+    return out
+
+
+def lora_modules(model_patcher, style: str, scope: str) -> dict:
+    """``{lora base name: (model weight key, offset or None)}`` that make_lora generates."""
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; expected one of {STYLES}")
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; expected one of {SCOPES}")
+    setup_comfy()
+    model = model_patcher.model
+    sd = model.state_dict()
+    fam = family_of(model_patcher)
+    if style == "kohya":
+        paths = _ldm_modules(sd)
+        attn = _FLUX_LDM_ATTN if fam == "flux" else _UNET_ATTN
+    elif fam == "flux":
+        if style == "kohya_diffusers":
+            raise ValueError("style 'kohya_diffusers' is an SD1.5/SDXL naming; FLUX kohya files use 'kohya'")
+        paths, attn = _flux_diffusers_modules(model, sd), _FLUX_DIFFUSERS_ATTN
+    else:
+        paths, attn = _unet_diffusers_modules(model, sd), _UNET_ATTN
+    if scope == "attn":
+        paths = {p: t for p, t in paths.items() if attn.search(p)}
+    if style in ("kohya", "kohya_diffusers"):
+        prefix = "lora_unet_"
+        return {prefix + p.replace(".", "_"): t for p, t in paths.items()}
+    prefix = {
+        ("unet", "diffusers"): "unet.", ("unet", "peft"): "unet.", ("unet", "peft_base"): "base_model.model.",
+        ("flux", "diffusers"): "transformer.", ("flux", "peft"): "", ("flux", "peft_base"): "base_model.model.",
+    }[(fam, style)]
+    return {prefix + p: t for p, t in paths.items()}
+
+
+def make_lora(model_patcher, style: str = "kohya", rank: int = 4, alpha: float | None = None,
+              scope: str = "attn", seed: int = 0, dtype: torch.dtype = torch.float32, scale: float = 1.0):
+    """Generate a LoRA for ``model_patcher``; returns ``(state_dict, truth)`` (see module docstring).
+
+    ``rank``: r of every module (down [r, in(, kh, kw)], up [out, r(, 1, 1)]).
+    ``alpha``: stored as ``.alpha`` when not None; truth scale = alpha / rank, else 1.0.
+    ``scale``: multiplies every up tensor (a global rescale of the LoRA).
+    """
+    modules = lora_modules(model_patcher, style, scope)
+    sd_model = model_patcher.model.state_dict()
+    down_sfx, up_sfx = _SUFFIXES[style]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    state_dict, truth = {}, {}
+    lo, hi = torch.log(torch.tensor(0.5)), torch.log(torch.tensor(2.0))
+    for base in sorted(modules):  # sorted: independent of dict/key-map order
+        key, offset = modules[base]
+        w = sd_model[key]
+        out_dim = offset[2] if offset is not None else w.shape[0]
+        mag = float(torch.exp(lo + (hi - lo) * torch.rand((), generator=gen)))
+        kernel = tuple(w.shape[2:])
+        down = torch.randn((rank, w.shape[1]) + kernel, generator=gen) * (0.1 * mag)
+        up = torch.randn((out_dim, rank) + (1,) * len(kernel), generator=gen) * (0.1 * mag * scale)
+        down, up = down.to(dtype), up.to(dtype)
+        state_dict[base + down_sfx] = down
+        state_dict[base + up_sfx] = up
+        if alpha is not None:
+            state_dict[base + ".alpha"] = torch.tensor(float(alpha), dtype=dtype)
+        s = float(alpha) / rank if alpha is not None else 1.0
+        truth.setdefault(key, []).append((up.clone(), down.clone(), s, offset))
+    return state_dict, truth
+
+
+def expected_weight(w0: torch.Tensor, entries, strength: float = 1.0) -> torch.Tensor:
+    """Brute force ``W0 + strength * scale * up @ down`` (per slice) in float64, from truth entries."""
+    w = w0.detach().to(torch.float64).clone()
+    for up, down, s, offset in entries:
+        view = w if offset is None else w.narrow(offset[0], offset[1], offset[2])
+        delta = up.to(torch.float64).flatten(1) @ down.to(torch.float64).flatten(1)
+        view += strength * s * delta.reshape(view.shape)
+    return w
+
+
+def save_lora(state_dict: dict, path) -> None:
+    """Write ``state_dict`` to ``path`` as safetensors (contiguous, unshared copies)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().clone() for k, v in state_dict.items()}, str(path))
