@@ -14,7 +14,7 @@ from typing import Callable, Mapping, Optional, Union
 from . import schedule
 from .errors import KLoRAError
 from .gamma import compute_gamma, ratios_from_l1
-from .scoring import DEFAULT_BLOCK_ELEMENTS, Delta, delta_numel, delta_rank, delta_stats
+from .scoring import DEFAULT_BLOCK_ELEMENTS, Delta, delta_rank, delta_shape2d, delta_stats
 
 RankSpec = Union[None, int, Mapping[str, int]]
 
@@ -164,12 +164,13 @@ def build_plan(
     details = {}
     for index, key in enumerate(shared):
         s_delta, t_delta = subject[key], style[key]
-        s_numel, t_numel = delta_numel(s_delta, key), delta_numel(t_delta, key)
-        if s_numel != t_numel:
+        s_shape, t_shape = delta_shape2d(s_delta, key), delta_shape2d(t_delta, key)
+        if s_shape != t_shape:
             raise KLoRAError(
-                f"weight {key!r}: subject delta has {s_numel} entries but style delta has {t_numel}; "
-                "the two LoRAs were trained for different models"
+                f"weight {key!r}: subject delta is {s_shape[0]}x{s_shape[1]} but style delta is "
+                f"{t_shape[0]}x{t_shape[1]} (rows x columns); the two LoRAs were trained for different models"
             )
+        s_numel = s_shape[0] * s_shape[1]
         s_rank = _resolve_rank(s_delta, subject_rank, key, "subject")
         t_rank = _resolve_rank(t_delta, style_rank, key, "style")
         k = min(s_rank * t_rank, s_numel)

@@ -70,6 +70,16 @@ def delta_rank(delta: Delta, key: str = "?") -> int | None:
     return None if factors is None else int(factors[1].shape[0])
 
 
+def delta_shape2d(delta: Delta, key: str = "?") -> tuple[int, int]:
+    """(rows, columns) of the delta viewed as a matrix: the first dimension by the product of the rest."""
+    factors = as_factors(delta, key)
+    if factors is None:
+        if delta.dim() == 0:
+            return 1, 1
+        return int(delta.shape[0]), int(delta[0].numel()) if delta.shape[0] else 0
+    return int(factors[0].shape[0]), int(factors[1].shape[1])
+
+
 def delta_numel(delta: Delta, key: str = "?") -> int:
     factors = as_factors(delta, key)
     if factors is None:

@@ -1,0 +1,236 @@
+"""Building a K-LoRA fused model from a ModelPatcher and two LoRA handles.
+
+``fuse_model`` is what the "K-LoRA Fuse" node runs.  It never mutates the
+model it is given: everything happens on a clone, and any error is raised
+before the clone is returned, so a failure leaves the user's model unpatched.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import comfy.utils
+
+from ..klora_core import schedule
+from ..klora_core.errors import KLoRAError
+from ..klora_core.keys import display_key, is_attention_projection, weight_name
+from ..klora_core.plan import plan_from_scores
+from .lora_files import LoRAHandle
+from .lora_keys import load_lora_patches
+from .patching import FuseRun, install, make_switches
+from .progress import MEASURE_NOISE, MEASURES
+from .scores import score_units, scaled_details
+
+logger = logging.getLogger(__name__)
+
+SCOPE_ATTENTION = "attention projections"
+SCOPE_ALL = "all shared weights"
+SCOPES = (SCOPE_ATTENTION, SCOPE_ALL)
+
+OUTSIDE_BOTH = "both"
+OUTSIDE_SUBJECT = "subject"
+OUTSIDE_STYLE = "style"
+OUTSIDE_NONE = "none"
+OUTSIDE_CHOICES = (OUTSIDE_BOTH, OUTSIDE_SUBJECT, OUTSIDE_STYLE, OUTSIDE_NONE)
+
+_logged_dynamic = False
+
+
+@dataclass
+class FuseResult:
+    model: object
+    report: str
+    plan: object = None
+    run: object = None
+    stats: dict = field(default_factory=dict)
+
+
+def model_family(model_patcher) -> str:
+    config = getattr(model_patcher.model, "model_config", None)
+    return type(config).__name__ if config is not None else type(model_patcher.model).__name__
+
+
+def _parse(handle: LoRAHandle, model_patcher):
+    parsed = load_lora_patches(handle.state_dict, model_patcher)
+    patches = parsed.patches
+    if not patches:
+        raise KLoRAError(
+            f"{handle.label()} ({handle.path}) matched none of its {len(handle.state_dict)} tensors to the "
+            f"{model_family(model_patcher)} model: it was trained for another model family or uses key names "
+            "this pack does not know"
+        )
+    return patches, parsed.n_matched, parsed.n_unmatched
+
+
+def _check_shapes(handle: LoRAHandle, patches: dict, model_sd: dict) -> None:
+    """Every low-rank patch must fit the weight it targets (catches LoRAs for another family)."""
+    for unit, value in patches.items():
+        name = weight_name(unit)
+        weight = model_sd.get(name)
+        weights = getattr(value, "weights", None)
+        if weight is None or getattr(value, "name", "") != "lora" or weights is None:
+            continue
+        up, down, _, mid, _, reshape = weights[:6]
+        if reshape is not None:
+            continue
+        if up.dim() < 2 or down.dim() < 2 or up.flatten(1).shape[1] != down.shape[0]:
+            raise KLoRAError(
+                f"{handle.label()}: layer {display_key(unit)}: up {tuple(up.shape)} and down "
+                f"{tuple(down.shape)} do not share a rank; the file is corrupt"
+            )
+        offset = unit[1] if not isinstance(unit, str) and len(unit) > 1 else None
+        rows = offset[2] if offset is not None and offset[0] == 0 else weight.shape[0]
+        cols = weight[0].numel() if weight.dim() > 1 else 1
+        if mid is None and (up.shape[0] != rows or down.flatten(1).shape[1] != cols):
+            raise KLoRAError(
+                f"{handle.label()}: layer {display_key(unit)}: delta {up.shape[0]}x{down.flatten(1).shape[1]} "
+                f"does not fit the model weight {tuple(weight.shape)}; the LoRA was trained for another model"
+            )
+
+
+def _model_order(model_sd: dict, units) -> list:
+    order = {name: i for i, name in enumerate(model_sd)}
+
+    def sort_key(unit):
+        offset = None if isinstance(unit, str) else unit[1]
+        return order.get(weight_name(unit), len(order)), (offset[1] if offset else -1)
+
+    return sorted(units, key=sort_key)
+
+
+def _maybe_non_dynamic(model_patcher):
+    """Current ComfyUI's dynamic VRAM mode caches patched weights per layer and would not see a flip.
+
+    Feature-detected: use ComfyUI's public non-dynamic delegate (as its own hook
+    LoRAs do) so every flip is exact; log once.
+    """
+    global _logged_dynamic
+    is_dynamic = getattr(model_patcher, "is_dynamic", None)
+    if is_dynamic is None or not is_dynamic():
+        return model_patcher
+    delegate = getattr(model_patcher, "get_non_dynamic_delegate", None)
+    if delegate is None:
+        raise KLoRAError("this ComfyUI runs the model in dynamic VRAM mode without a non-dynamic delegate; "
+                         "start ComfyUI with --disable-dynamic-vram to use K-LoRA")
+    if not _logged_dynamic:
+        logger.info("K-LoRA: dynamic VRAM caches patched weights, so K-LoRA models use ComfyUI's "
+                    "non-dynamic patcher (exact per-step switching)")
+        _logged_dynamic = True
+    return delegate()
+
+
+def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: float = 1.5, beta: float = -1.0,
+               pattern: str = schedule.PATTERN_S, scope: str = SCOPE_ATTENTION, outside_scope: str = OUTSIDE_BOTH,
+               progress_measure: str = MEASURE_NOISE) -> FuseResult:
+    """Return a clone of ``model_patcher`` that applies K-LoRA during sampling, and a text report.
+
+    ``beta < 0`` means the pattern's paper default (s: 0.5, s*: 1.275).
+    """
+    if not isinstance(subject, LoRAHandle) or subject.role != "subject":
+        raise KLoRAError("the subject input must come from a 'Load Subject LoRA' node")
+    if not isinstance(style, LoRAHandle) or style.role != "style":
+        raise KLoRAError("the style input must come from a 'Load Style LoRA' node")
+    schedule.check_pattern(pattern)
+    if scope not in SCOPES:
+        raise KLoRAError(f"unknown scope {scope!r}: expected one of {SCOPES}")
+    if outside_scope not in OUTSIDE_CHOICES:
+        raise KLoRAError(f"unknown outside-scope choice {outside_scope!r}: expected one of {OUTSIDE_CHOICES}")
+    if progress_measure not in MEASURES:
+        raise KLoRAError(f"unknown progress measure {progress_measure!r}: expected one of {MEASURES}")
+    if beta is None or beta < 0:
+        beta = schedule.DEFAULTS[pattern][1]
+    alpha, beta = schedule.check_alpha_beta(alpha, beta)
+
+    model_sd = model_patcher.model_state_dict()
+    subject_patches, s_matched, s_unmatched = _parse(subject, model_patcher)
+    style_patches, t_matched, t_unmatched = _parse(style, model_patcher)
+    _check_shapes(subject, subject_patches, model_sd)
+    _check_shapes(style, style_patches, model_sd)
+
+    shared = _model_order(model_sd, [k for k in subject_patches if k in style_patches])
+    subject_only = _model_order(model_sd, [k for k in subject_patches if k not in style_patches])
+    style_only = _model_order(model_sd, [k for k in style_patches if k not in subject_patches])
+    switched = [k for k in shared if scope == SCOPE_ALL or is_attention_projection(k)]
+    outside = [k for k in shared if k not in set(switched)]
+
+    s_strength, t_strength = subject.strength, style.strength
+    same_file = subject.sha256 == style.sha256
+    notes = []
+    plan = None
+    run = None
+    if s_strength == 0.0 or t_strength == 0.0:
+        notes.append("one strength is 0: K-LoRA has nothing to balance, so every shared weight takes the other LoRA")
+    elif not switched:
+        raise KLoRAError(
+            f"{subject.label()} and {style.label()} share no "
+            + ("attention projection" if scope == SCOPE_ATTENTION else "weight")
+            + f" of the {model_family(model_patcher)} model"
+            + ("; set scope to 'all shared weights'" if shared else "; they were trained for different layers or models")
+        )
+    else:
+        pbar = comfy.utils.ProgressBar(len(switched))
+        details = score_units(switched, subject_patches, style_patches, model_patcher, subject, style,
+                              progress=lambda done, total: pbar.update_absolute(done, total))
+        try:
+            plan = plan_from_scores(scaled_details(details, s_strength, t_strength), subject_only, style_only,
+                                    alpha, beta, pattern)
+        except KLoRAError as exc:
+            raise KLoRAError(f"{subject.label()} + {style.label()}: {exc}") from None
+
+    fused = _maybe_non_dynamic(model_patcher.clone())
+    if subject_only:
+        fused.add_patches({k: subject_patches[k] for k in subject_only}, s_strength)
+    if style_only:
+        fused.add_patches({k: style_patches[k] for k in style_only}, t_strength)
+    if outside:
+        if outside_scope in (OUTSIDE_BOTH, OUTSIDE_SUBJECT):
+            fused.add_patches({k: subject_patches[k] for k in outside}, s_strength)
+        if outside_scope in (OUTSIDE_BOTH, OUTSIDE_STYLE):
+            fused.add_patches({k: style_patches[k] for k in outside}, t_strength)
+    if plan is None:
+        winner, strength = (style_patches, t_strength) if s_strength == 0.0 else (subject_patches, s_strength)
+        fused.add_patches({k: winner[k] for k in switched}, strength)
+    else:
+        run = FuseRun(plan, progress_measure)
+        install(fused, run, make_switches(plan.keys, subject_patches, style_patches, s_strength, t_strength, run))
+    if same_file:
+        notes.append("subject and style are the same file: both deltas are identical, so the result equals one "
+                     "LoRA whose strength follows the schedule")
+
+    stats = {
+        "subject_matched": s_matched, "subject_unmatched": s_unmatched,
+        "style_matched": t_matched, "style_unmatched": t_unmatched,
+        "switched": len(switched), "outside": len(outside),
+        "subject_only": len(subject_only), "style_only": len(style_only),
+    }
+    report = _report(model_patcher, subject, style, plan, stats, switched, outside, outside_scope,
+                     subject_only, style_only, progress_measure, scope, notes, alpha, beta, pattern)
+    logger.info("%s", report.splitlines()[0])
+    return FuseResult(model=fused, report=report, plan=plan, run=run, stats=stats)
+
+
+def _report(model_patcher, subject, style, plan, stats, switched, outside, outside_scope, subject_only,
+            style_only, measure, scope, notes, alpha, beta, pattern) -> str:
+    lines = [
+        f"K-LoRA on {model_family(model_patcher)}: subject '{subject.name}' (strength {subject.strength:g}, "
+        f"{stats['subject_matched']} tensors matched, {stats['subject_unmatched']} unmatched) + style "
+        f"'{style.name}' (strength {style.strength:g}, {stats['style_matched']} matched, "
+        f"{stats['style_unmatched']} unmatched)",
+        f"pattern {pattern}, alpha {alpha:g}, beta {beta:g}; progress by {measure}; scope: {scope}",
+    ]
+    if plan is not None:
+        first = plan.choose(0.0)
+        last = plan.choose(1.0 - 1e-9)
+        n_first = sum(first.values())
+        n_last = sum(last.values())
+        dropped = sum(1 for r in plan.ratios.values() if r >= 3 * (sum(plan.ratios.values()) / len(plan.ratios)))
+        lines.append(f"gamma {plan.gamma:.6g} (from {len(plan.ratios)} shared weights, {dropped} outliers dropped)")
+        lines.append(f"{len(switched)} weights switch per step: first step {n_first} subject / "
+                     f"{len(switched) - n_first} style; last step {n_last} subject / {len(switched) - n_last} style")
+    lines.append(f"{len(outside)} shared weights outside the scope: applied {outside_scope}")
+    for label, keys in (("only the subject covers", subject_only), ("only the style covers", style_only)):
+        sample = ", ".join(display_key(k) for k in keys[:3])
+        more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+        lines.append(f"{len(keys)} weights {label} (applied as a plain LoRA)" + (f": {sample}{more}" if keys else ""))
+    lines.extend(notes)
+    return "\n".join(lines)

@@ -1,0 +1,149 @@
+"""Everything K-LoRA does to a ModelPatcher, in one place.
+
+How the per-layer, per-step choice reaches the weights (spec: "Ways to switch
+a delta per layer per step", option 1, "bake at flip time"):
+
+1. :func:`install` puts one :class:`~.switch.KLoRASwitch` patch per shared
+   weight into a *clone* of the user's model and registers two keyed wrappers.
+   ComfyUI patches ("bakes") the weights as usual when it loads the model; the
+   switches then read the step-0 choice.
+2. ``APPLY_MODEL`` wrapper (every model evaluation): measure the progress, ask
+   the tracker which weights changed their choice, and re-bake only those:
+   restore the original from ``ModelPatcher.backup`` and call the public
+   ``ModelPatcher.patch_weight_to_device``.  Weights ComfyUI keeps offloaded
+   (lowvram) are not in ``backup``: their ``LowVramPatch`` reads the switch at
+   every forward, so they need nothing.
+3. ``OUTER_SAMPLE`` wrapper: in ``finally`` (finished, failed or interrupted)
+   return every switch to its step-0 choice and re-bake what differs, so the
+   loaded model again matches what ComfyUI believes it holds.  If that fails,
+   all models are unloaded, which restores the originals from ``backup``.
+
+No per-forward work when no choice changes; re-baking costs one weight patch
+per flipped weight (at most two flips per weight per run for pattern ``s``).
+"""
+from __future__ import annotations
+
+import logging
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.patcher_extension
+import comfy.utils
+from comfy.patcher_extension import WrappersMP
+
+from ..klora_core.keys import weight_name
+from ..klora_core.tracker import ChoiceTracker
+from .progress import MEASURE_NOISE, ProgressMeter, current_sigma
+from .switch import KLoRASwitch
+
+logger = logging.getLogger(__name__)
+
+#: Keys our wrappers are registered under (several K-LoRA Fuse nodes may stack on one model).
+OUTER_SAMPLE_KEY = "klora.fuse.outer_sample"
+APPLY_MODEL_KEY = "klora.fuse.apply_model"
+
+
+class FuseRun:
+    """Per-fused-model state: the tracker, the progress meter of the current pass, counters.
+
+    Shared by every clone made downstream of the K-LoRA Fuse node (ComfyUI
+    copies wrapper lists and patch lists, not the objects in them).
+    """
+
+    def __init__(self, plan, measure: str = MEASURE_NOISE):
+        self.plan = plan
+        self.measure = measure
+        self.tracker = ChoiceTracker(plan, initial_progress=0.0)
+        self._meter = None
+        self._meter_sigmas = None
+        self.rebaked = 0  # weights re-baked since install (for tests and benchmarks)
+        self.flip_events = 0
+
+    # ---- wrappers -------------------------------------------------------
+    def outer_sample(self, executor, *args, **kwargs):
+        guider = executor.class_obj
+        patcher = getattr(guider, "model_patcher", None)
+        self._meter = None
+        self._meter_sigmas = None
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            self._meter = None
+            self._meter_sigmas = None
+            self.restore(patcher)
+
+    def apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        base_model = executor.class_obj
+        patcher = getattr(base_model, "current_patcher", None)
+        if patcher is not None:
+            progress = self._progress(base_model, transformer_options, t)
+            if progress is not None:
+                changed = self.tracker.update(progress)
+                if changed:
+                    self.flip_events += 1
+                    self.rebake(patcher, changed)
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+    # ---- helpers --------------------------------------------------------
+    def _progress(self, base_model, transformer_options, t):
+        sample_sigmas = transformer_options.get("sample_sigmas")
+        if sample_sigmas is None:
+            return None  # called outside a sampler: keep the current choice
+        if self._meter is None or self._meter_sigmas is not sample_sigmas:
+            self._meter = ProgressMeter(self.measure, base_model.model_sampling, sample_sigmas)
+            self._meter_sigmas = sample_sigmas
+        return self._meter(current_sigma(transformer_options, t))
+
+    def rebake(self, patcher, unit_keys) -> int:
+        """Re-compute the baked weights behind ``unit_keys`` from their originals."""
+        names = dict.fromkeys(weight_name(k) for k in unit_keys)
+        count = 0
+        for name in names:
+            backup = patcher.backup.get(name)
+            if backup is None:
+                continue  # offloaded (live LowVramPatch) or not loaded: nothing baked
+            weight, _, _ = comfy.model_patcher.get_key_weight(patcher.model, name)
+            device = weight.device
+            if backup.inplace_update:
+                comfy.utils.copy_to_param(patcher.model, name, backup.weight)
+            else:
+                comfy.utils.set_attr_param(patcher.model, name, backup.weight)
+            patcher.patch_weight_to_device(name, device_to=device)
+            count += 1
+        self.rebaked += count
+        return count
+
+    def restore(self, patcher) -> None:
+        """Return to the step-0 choice and re-bake what differs (never raises)."""
+        changed = self.tracker.reset()
+        if not changed or patcher is None:
+            return
+        try:
+            self.rebake(patcher, changed)
+        except Exception:
+            logger.exception("K-LoRA: could not restore %d weights after sampling; unloading models so "
+                             "ComfyUI restores the originals", len(changed))
+            comfy.model_management.unload_all_models()
+
+
+def install(model_patcher, run: FuseRun, switches: dict, strength: float = 1.0) -> None:
+    """Add ``switches`` ({unit_key: KLoRASwitch}) as patches and register ``run``'s wrappers.
+
+    ``model_patcher`` must be a clone the caller owns.
+    """
+    added = model_patcher.add_patches(switches, strength)
+    missing = [k for k in switches if k not in added]
+    if missing:
+        raise RuntimeError(f"K-LoRA: the model has no weight for {missing[:3]} (and {max(len(missing) - 3, 0)} more)")
+    model_patcher.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, OUTER_SAMPLE_KEY, run.outer_sample)
+    model_patcher.add_wrapper_with_key(WrappersMP.APPLY_MODEL, APPLY_MODEL_KEY, run.apply_model)
+
+
+def make_switches(plan_keys, subject_patches: dict, style_patches: dict, subject_strength: float,
+                  style_strength: float, run: FuseRun) -> dict:
+    """One switch per shared unit key."""
+    return {
+        key: KLoRASwitch.create(key, subject_patches[key], style_patches[key], subject_strength, style_strength,
+                                run.tracker)
+        for key in plan_keys
+    }

@@ -1,0 +1,176 @@
+"""Scores of a parsed LoRA pair inside ComfyUI, computed once and cached.
+
+The decision only needs, per shared weight, the top-K and L1 sums of both
+deltas at strength 1; strengths and the schedule (alpha, beta, pattern) are
+applied afterwards (:func:`scaled_details`), so changing them never rescores.
+Cache key: both files' content hashes (not names) plus the unit key.
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import replace
+
+import torch
+
+import comfy.lora
+import comfy.model_patcher
+from comfy.weight_adapter.base import WeightAdapterBase
+from comfy.weight_adapter.lora import LoRAAdapter
+
+from ..klora_core.errors import KLoRAError
+from ..klora_core.keys import display_key, weight_name
+from ..klora_core.plan import WeightScore
+from ..klora_core.scoring import delta_stats
+
+logger = logging.getLogger(__name__)
+
+#: LoRA pairs whose scores are kept (each entry: a few floats per weight).
+SCORE_CACHE_PAIRS = 32
+_SCORE_CACHE: "OrderedDict[tuple, dict]" = OrderedDict()
+
+
+def clear_score_cache() -> None:
+    _SCORE_CACHE.clear()
+
+
+def score_cache_size() -> int:
+    return len(_SCORE_CACHE)
+
+
+def unit_offset(unit_key):
+    """(offset, function) of a ComfyUI patch key (``str`` or ``(name, offset[, function])``)."""
+    if isinstance(unit_key, str):
+        return None, None
+    offset = unit_key[1] if len(unit_key) > 1 else None
+    function = unit_key[2] if len(unit_key) > 2 else None
+    return offset, function
+
+
+def factors_of(value):
+    """``(up, down, scale, rank)`` of a plain LoRA patch, or None for anything else."""
+    if isinstance(value, LoRAAdapter):
+        up, down, alpha, mid, dora_scale, reshape = value.weights[:6]
+        if mid is None and dora_scale is None and reshape is None:
+            rank = int(down.shape[0])
+            scale = 1.0 if alpha is None else float(alpha) / rank
+            return up, down, scale, rank
+    return None
+
+
+def adapter_rank(value, dense: torch.Tensor) -> int:
+    """Rank used for K when a delta is dense (LoHa, LoKr, DoRA, LoCon with mid, diff patches).
+
+    The inner dimension of the adapter's factors where it has one; otherwise the
+    smaller side of the 2-D delta (K then covers most of the weight).
+    """
+    weights = getattr(value, "weights", None)
+    name = getattr(value, "name", "")
+    try:
+        if name == "lora":
+            return int(weights[1].shape[0])
+        if name == "loha":
+            return int(weights[1].shape[0])
+        if name == "lokr":
+            for factor in (weights[6], weights[4]):  # w2_b, w1_b
+                if factor is not None:
+                    return int(factor.shape[0])
+    except (TypeError, IndexError, AttributeError):
+        pass
+    flat = dense.reshape(dense.shape[0], -1) if dense.dim() > 1 else dense.reshape(1, -1)
+    return int(min(flat.shape))
+
+
+def dense_delta(value, unit_key, model_patcher, device) -> torch.Tensor:
+    """The delta of any patch value at strength 1, by patching a float32 copy and subtracting."""
+    name = weight_name(unit_key)
+    offset, function = unit_offset(unit_key)
+    weight, _, convert_func = comfy.model_patcher.get_key_weight(model_patcher.model, name)
+    backup = model_patcher.backup.get(name)
+    if backup is not None:
+        weight = backup.weight
+    base = weight.to(device=device, dtype=torch.float32, copy=True)
+    if convert_func is not None:
+        base = convert_func(base, inplace=True)
+    patched = comfy.lora.calculate_weight([(1.0, value, 1.0, offset, function)], base.clone(), name)
+    delta = patched - base
+    if offset is not None:
+        delta = delta.narrow(offset[0], offset[1], offset[2])
+    return delta
+
+
+def _delta_and_rank(value, unit_key, model_patcher, device, label):
+    factors = factors_of(value)
+    if factors is not None:
+        up, down, scale, rank = factors
+        up2 = up.to(device=device, dtype=torch.float32).flatten(1) * scale
+        down2 = down.to(device=device, dtype=torch.float32).flatten(1)
+        if up2.shape[1] != down2.shape[0]:
+            raise KLoRAError(
+                f"{label}: layer {display_key(unit_key)}: up has rank {up2.shape[1]} but down has rank "
+                f"{down2.shape[0]}; the file is corrupt"
+            )
+        return (up2, down2), rank
+    if not isinstance(value, (WeightAdapterBase, tuple, list)):
+        raise KLoRAError(f"{label}: layer {display_key(unit_key)}: unsupported patch type {type(value).__name__}")
+    dense = dense_delta(value, unit_key, model_patcher, device)
+    return dense, adapter_rank(value, dense)
+
+
+def score_units(units, subject_patches, style_patches, model_patcher, subject, style, device=None, progress=None):
+    """``{unit_key: WeightScore}`` at strength 1 for ``units`` (cached by file content).
+
+    Args:
+        units: shared unit keys to score.
+        subject_patches, style_patches: ``{unit_key: patch value}`` from ComfyUI's LoRA parsing.
+        subject, style: the LoRAHandles (for the cache key and error messages).
+        device: where to score (default: the model's load device).
+        progress: optional callback(done, total).
+    """
+    device = device if device is not None else model_patcher.load_device
+    cache_key = (subject.sha256, style.sha256)
+    cached = _SCORE_CACHE.get(cache_key)
+    if cached is None:
+        cached = {}
+        _SCORE_CACHE[cache_key] = cached
+        while len(_SCORE_CACHE) > SCORE_CACHE_PAIRS:
+            _SCORE_CACHE.popitem(last=False)
+    else:
+        _SCORE_CACHE.move_to_end(cache_key)
+    out = {}
+    todo = [u for u in units if u not in cached]
+    for index, unit in enumerate(todo):
+        s_delta, s_rank = _delta_and_rank(subject_patches[unit], unit, model_patcher, device, subject.label())
+        t_delta, t_rank = _delta_and_rank(style_patches[unit], unit, model_patcher, device, style.label())
+        s_numel = s_delta[0].shape[0] * s_delta[1].shape[1] if isinstance(s_delta, tuple) else s_delta.numel()
+        t_numel = t_delta[0].shape[0] * t_delta[1].shape[1] if isinstance(t_delta, tuple) else t_delta.numel()
+        if s_numel != t_numel:
+            raise KLoRAError(
+                f"layer {display_key(unit)}: the {subject.label()} delta has {s_numel} entries but the "
+                f"{style.label()} delta has {t_numel}; the two files were trained for different models"
+            )
+        k = min(s_rank * t_rank, s_numel)
+        try:
+            s_stats = delta_stats(s_delta, k, display_key(unit))
+            t_stats = delta_stats(t_delta, k, display_key(unit))
+        except KLoRAError as exc:
+            raise KLoRAError(f"{subject.label()} / {style.label()}: {exc}") from None
+        cached[unit] = WeightScore(
+            subject_topk=s_stats.topk_sum, style_topk=t_stats.topk_sum,
+            subject_l1=s_stats.l1, style_l1=t_stats.l1, k=k, subject_rank=s_rank, style_rank=t_rank,
+        )
+        if progress is not None:
+            progress(index + 1, len(todo))
+    for unit in units:
+        out[unit] = cached[unit]
+    return out
+
+
+def scaled_details(details: dict, subject_strength: float, style_strength: float) -> dict:
+    """Scores of the deltas at the LoRAs' strengths (sums scale with |strength|)."""
+    s, t = abs(subject_strength), abs(style_strength)
+    return {
+        key: replace(d, subject_topk=d.subject_topk * s, style_topk=d.style_topk * t,
+                     subject_l1=d.subject_l1 * s, style_l1=d.style_l1 * t)
+        for key, d in details.items()
+    }

@@ -1,0 +1,102 @@
+"""An independent brute-force K-LoRA sampler for tests.
+
+A separate copy of the tiny model (same seed, so bit-identical base weights)
+gets ``W0 + chosen delta`` rebuilt from scratch in float64 at EVERY model call,
+from the LoRA factory's truth tensors and the plain spec reference in
+core_reference.py.  It shares no code with the pack: progress is found by
+a plain bisection on the model's ``percent_to_sigma``, taken as exactly
+``i / N`` when it lies on the grid of the run's full N-step schedule; in step-count mode it is the index within the pass.
+"""
+from __future__ import annotations
+
+import torch
+
+import core_reference
+import tiny_models
+
+
+def units_of(truth: dict, strength: float) -> dict:
+    """``{unit: (up64 * scale * strength, down64)}``; unit = key or (key, offset)."""
+    out = {}
+    for key, entries in truth.items():
+        for up, down, s, offset in entries:
+            unit = key if offset is None else (key, tuple(offset))
+            out[unit] = (up.to(torch.float64).flatten(1) * (s * strength), down.to(torch.float64).flatten(1))
+    return out
+
+
+class BruteForce:
+    """Reference model: sample with ``comfy.sample.sample(self.patcher, ...)``.
+
+    Args:
+        family, seed: the tiny model to copy.
+        subject_truth, style_truth: LoRA factory truths.
+        strengths: (subject, style).
+        alpha, beta, pattern: schedule.
+        measure: "noise level" or "step count".
+        full_sigmas: the whole schedule of the run (noise-level mode), 1-D.
+    """
+
+    def __init__(self, family, seed, subject_truth, style_truth, strengths=(1.0, 1.0), alpha=1.5, beta=0.5,
+                 pattern="s", measure="noise level", full_sigmas=None):
+        self.patcher = tiny_models.build_model(family, seed)
+        self.model = self.patcher.model
+        self.subject = units_of(subject_truth, strengths[0])
+        self.style = units_of(style_truth, strengths[1])
+        self.plan = core_reference.reference_plan(self.subject, self.style, alpha, beta, pattern)
+        self.measure = measure
+        self.full_sigmas = None if full_sigmas is None else [float(s) for s in full_sigmas]
+        self.pass_sigmas = None
+        params = dict(self.model.named_parameters())
+        keys = {u if isinstance(u, str) else u[0] for u in list(self.subject) + list(self.style)}
+        self.params = {k: params[k] for k in keys}
+        self.w0 = {k: p.detach().to(torch.float64).clone() for k, p in self.params.items()}
+        self.progress_log = []
+        self.patcher.set_model_unet_function_wrapper(self._wrapper)
+
+    # progress --------------------------------------------------------------
+    def _percent(self, sigma: float) -> float:
+        ms = self.model.model_sampling
+        lo, hi = 0.0, 1.0
+        for _ in range(80):
+            mid = (lo + hi) / 2
+            if float(ms.percent_to_sigma(mid)) > sigma:
+                lo = mid
+            else:
+                hi = mid
+        return (lo + hi) / 2
+
+    def progress(self, sigma: float) -> float:
+        if self.measure == "step count":
+            sig = self.pass_sigmas
+            index = max(sum(1 for s in sig[:-1] if s >= sigma) - 1, 0)
+            return index / (len(sig) - 1)
+        p = self._percent(sigma)
+        if self.full_sigmas is not None:
+            n = len(self.full_sigmas) - 1
+            if abs(p * n - round(p * n)) < 1e-3:  # a point of a uniform full schedule: exactly i / N
+                return round(p * n) / n
+        return p
+
+    # weights ---------------------------------------------------------------
+    def _set_weights(self, p: float) -> None:
+        new = {k: w.clone() for k, w in self.w0.items()}
+        for unit in set(self.subject) | set(self.style):
+            if unit in self.subject and unit in self.style:
+                chosen = self.subject if self.plan.uses_subject(unit, p) else self.style
+                delta = chosen[unit]
+            else:
+                delta = (self.subject if unit in self.subject else self.style)[unit]
+            key = unit if isinstance(unit, str) else unit[0]
+            view = new[key] if isinstance(unit, str) else new[key].narrow(*unit[1])
+            view += (delta[0] @ delta[1]).reshape(view.shape)
+        with torch.no_grad():
+            for k, w in new.items():
+                self.params[k].copy_(w.to(self.params[k].dtype))
+
+    def _wrapper(self, apply_model, args):
+        sigma = float(args["timestep"].flatten()[0])
+        p = self.progress(sigma)
+        self.progress_log.append(p)
+        self._set_weights(p)
+        return apply_model(args["input"], args["timestep"], **args["c"])
