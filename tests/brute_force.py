@@ -38,17 +38,26 @@ class BruteForce:
     """
 
     def __init__(self, family, seed, subject_truth, style_truth, strengths=(1.0, 1.0), alpha=1.5, beta=0.5,
-                 pattern="s", measure="noise level", full_sigmas=None):
-        self.patcher = tiny_models.build_model(family, seed)
+                 pattern="s", measure="noise level", full_sigmas=None, extras=(), more_pairs=(), patcher=None):
+        """``extras``: [(truth, strength)] always applied (plain LoRAs);
+        ``more_pairs``: [(subject_truth, style_truth, (s_strength, t_strength), alpha, beta, pattern)]
+        further K-LoRA pairs stacked on the same weights; ``patcher``: a prepared base model to use."""
+        self.patcher = patcher if patcher is not None else tiny_models.build_model(family, seed)
         self.model = self.patcher.model
-        self.subject = units_of(subject_truth, strengths[0])
-        self.style = units_of(style_truth, strengths[1])
-        self.plan = core_reference.reference_plan(self.subject, self.style, alpha, beta, pattern)
+        self.pairs = []
+        for truth_s, truth_t, (ss, st), a, b, pat in [(subject_truth, style_truth, strengths, alpha, beta, pattern),
+                                                      *more_pairs]:
+            subject, style = units_of(truth_s, ss), units_of(truth_t, st)
+            self.pairs.append((subject, style, core_reference.reference_plan(subject, style, a, b, pat)))
+        self.subject, self.style, self.plan = self.pairs[0]
+        self.extras = [units_of(truth, strength) for truth, strength in extras]
         self.measure = measure
         self.full_sigmas = None if full_sigmas is None else [float(s) for s in full_sigmas]
         self.pass_sigmas = None
         params = dict(self.model.named_parameters())
-        keys = {u if isinstance(u, str) else u[0] for u in list(self.subject) + list(self.style)}
+        all_units = [u for subject, style, _ in self.pairs for u in list(subject) + list(style)]
+        all_units += [u for extra in self.extras for u in extra]
+        keys = {u if isinstance(u, str) else u[0] for u in all_units}
         self.params = {k: params[k] for k in keys}
         self.w0 = {k: p.detach().to(torch.float64).clone() for k, p in self.params.items()}
         self.progress_log = []
@@ -81,12 +90,16 @@ class BruteForce:
     # weights ---------------------------------------------------------------
     def _set_weights(self, p: float) -> None:
         new = {k: w.clone() for k, w in self.w0.items()}
-        for unit in set(self.subject) | set(self.style):
-            if unit in self.subject and unit in self.style:
-                chosen = self.subject if self.plan.uses_subject(unit, p) else self.style
-                delta = chosen[unit]
-            else:
-                delta = (self.subject if unit in self.subject else self.style)[unit]
+        chosen_deltas = []
+        for subject, style, plan in self.pairs:
+            for unit in set(subject) | set(style):
+                if unit in subject and unit in style:
+                    chosen_deltas.append((unit, (subject if plan.uses_subject(unit, p) else style)[unit]))
+                else:
+                    chosen_deltas.append((unit, (subject if unit in subject else style)[unit]))
+        for extra in self.extras:
+            chosen_deltas.extend(extra.items())
+        for unit, delta in chosen_deltas:
             key = unit if isinstance(unit, str) else unit[0]
             view = new[key] if isinstance(unit, str) else new[key].narrow(*unit[1])
             view += (delta[0] @ delta[1]).reshape(view.shape)
