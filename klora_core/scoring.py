@@ -13,6 +13,7 @@ the tensors given.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Union
 
@@ -96,11 +97,6 @@ def dense_delta(delta: Delta, key: str = "?") -> torch.Tensor:
     return up.to(torch.float32) @ down.to(torch.float32)
 
 
-def _check_finite(block: torch.Tensor, key: str) -> None:
-    if not torch.isfinite(block).all():
-        raise KLoRAError(f"weight {key!r}: the delta contains NaN or infinite values; the LoRA file is damaged")
-
-
 def delta_stats(delta: Delta, k: int, key: str = "?", block_elements: int = DEFAULT_BLOCK_ELEMENTS) -> DeltaStats:
     """Top-K absolute sum and L1 norm of one delta (K capped at its element count).
 
@@ -136,11 +132,13 @@ def delta_stats(delta: Delta, k: int, key: str = "?", block_elements: int = DEFA
             block = (up[start : start + block_rows] @ down).abs_()
             candidates, l1 = _accumulate(block.reshape(-1), k, candidates, l1, key)
     topk = candidates.topk(k, sorted=False).values if candidates.numel() > k else candidates
-    return DeltaStats(topk_sum=float(topk.to(torch.float64).sum()), l1=float(l1), numel=numel)
+    l1_value = float(l1)
+    if not math.isfinite(l1_value):  # any NaN or inf entry makes the float64 sum non-finite
+        raise KLoRAError(f"weight {key!r}: the delta contains NaN or infinite values; the LoRA file is damaged")
+    return DeltaStats(topk_sum=float(topk.to(torch.float64).sum()), l1=l1_value, numel=numel)
 
 
 def _accumulate(block_abs: torch.Tensor, k: int, candidates, l1, key):
-    _check_finite(block_abs, key)
     l1 = l1 + block_abs.to(torch.float64).sum()
     if block_abs.numel() > k:
         block_abs = block_abs.topk(k, sorted=False).values
