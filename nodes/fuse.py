@@ -20,6 +20,7 @@ from .lora_keys import load_lora_patches
 from .patching import FuseRun, install, make_switches
 from .progress import MEASURE_NOISE, MEASURES
 from .scores import score_units, scaled_details
+from .units import expand, unify_layouts
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +148,7 @@ def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: flo
     _check_shapes(subject, subject_patches, model_sd)
     _check_shapes(style, style_patches, model_sd)
 
+    subject_patches, style_patches, merged = unify_layouts(subject_patches, style_patches)
     shared = _model_order(model_sd, [k for k in subject_patches if k in style_patches])
     subject_only = _model_order(model_sd, [k for k in subject_patches if k not in style_patches])
     style_only = _model_order(model_sd, [k for k in style_patches if k not in subject_patches])
@@ -179,20 +181,23 @@ def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: flo
 
     fused = _maybe_non_dynamic(model_patcher.clone())
     if subject_only:
-        fused.add_patches({k: subject_patches[k] for k in subject_only}, s_strength)
+        fused.add_patches(expand(subject_patches, subject_only), s_strength)
     if style_only:
-        fused.add_patches({k: style_patches[k] for k in style_only}, t_strength)
+        fused.add_patches(expand(style_patches, style_only), t_strength)
     if outside:
         if outside_scope in (OUTSIDE_BOTH, OUTSIDE_SUBJECT):
-            fused.add_patches({k: subject_patches[k] for k in outside}, s_strength)
+            fused.add_patches(expand(subject_patches, outside), s_strength)
         if outside_scope in (OUTSIDE_BOTH, OUTSIDE_STYLE):
-            fused.add_patches({k: style_patches[k] for k in outside}, t_strength)
+            fused.add_patches(expand(style_patches, outside), t_strength)
     if plan is None:
         winner, strength = (style_patches, t_strength) if s_strength == 0.0 else (subject_patches, s_strength)
-        fused.add_patches({k: winner[k] for k in switched}, strength)
+        fused.add_patches(expand(winner, switched), strength)
     else:
         run = FuseRun(plan, progress_measure)
         install(fused, run, make_switches(plan.keys, subject_patches, style_patches, s_strength, t_strength, run))
+    if merged:
+        notes.append(f"{len(merged)} weights are covered by both files in different layouts (e.g. a fused qkv "
+                     "and separate q/k/v): each is switched as one whole weight")
     if same_file:
         notes.append("subject and style are the same file: both deltas are identical, so the result equals one "
                      "LoRA whose strength follows the schedule")

@@ -22,6 +22,7 @@ from ..klora_core.errors import KLoRAError
 from ..klora_core.keys import display_key, weight_name
 from ..klora_core.plan import WeightScore
 from ..klora_core.scoring import delta_stats
+from .units import is_parts, parts_patch_list, unit_offset
 
 logger = logging.getLogger(__name__)
 
@@ -36,15 +37,6 @@ def clear_score_cache() -> None:
 
 def score_cache_size() -> int:
     return len(_SCORE_CACHE)
-
-
-def unit_offset(unit_key):
-    """(offset, function) of a ComfyUI patch key (``str`` or ``(name, offset[, function])``)."""
-    if isinstance(unit_key, str):
-        return None, None
-    offset = unit_key[1] if len(unit_key) > 1 else None
-    function = unit_key[2] if len(unit_key) > 2 else None
-    return offset, function
 
 
 def factors_of(value):
@@ -92,7 +84,10 @@ def dense_delta(value, unit_key, model_patcher, device) -> torch.Tensor:
     base = weight.to(device=device, dtype=torch.float32, copy=True)
     if convert_func is not None:
         base = convert_func(base, inplace=True)
-    patched = comfy.lora.calculate_weight([(1.0, value, 1.0, offset, function)], base.clone(), name)
+    if is_parts(value):  # the whole weight, all of this side's slices
+        patched = comfy.lora.calculate_weight(parts_patch_list(value, 1.0), base.clone(), name)
+    else:
+        patched = comfy.lora.calculate_weight([(1.0, value, 1.0, offset, function)], base.clone(), name)
     delta = patched - base
     if offset is not None:
         delta = delta.narrow(offset[0], offset[1], offset[2])
@@ -111,6 +106,13 @@ def _delta_and_rank(value, unit_key, model_patcher, device, label):
                 f"{down2.shape[0]}; the file is corrupt"
             )
         return (up2, down2), rank
+    if is_parts(value):
+        dense = dense_delta(value, unit_key, model_patcher, device)
+        rank = 0
+        for part_key, part in value[1]:
+            part_factors = factors_of(part)
+            rank += part_factors[3] if part_factors is not None else adapter_rank(part, dense)
+        return dense, rank
     if not isinstance(value, (WeightAdapterBase, tuple, list)):
         raise KLoRAError(f"{label}: layer {display_key(unit_key)}: unsupported patch type {type(value).__name__}")
     dense = dense_delta(value, unit_key, model_patcher, device)

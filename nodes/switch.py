@@ -15,6 +15,8 @@ import torch
 import comfy.lora
 from comfy.weight_adapter.base import WeightAdapterBase
 
+from .units import is_parts, parts_patch_list
+
 
 class SwitchControl:
     """What a switch needs besides the two patches: its unit key, the strengths, the shared tracker.
@@ -79,6 +81,9 @@ class KLoRASwitch(WeightAdapterBase):
         chosen_strength *= strength
         if chosen_strength == 0.0:
             return weight
+        if is_parts(value):  # one weight covered in a different layout by each file
+            return comfy.lora.calculate_weight(parts_patch_list(value, chosen_strength), weight, key,
+                                               intermediate_dtype=intermediate_dtype)
         if isinstance(value, WeightAdapterBase):
             return value.calculate_weight(weight, key, chosen_strength, strength_model, offset, function,
                                           intermediate_dtype, original_weight)

@@ -25,6 +25,36 @@ def units_of(truth: dict, strength: float) -> dict:
     return out
 
 
+def _name(unit):
+    return unit if isinstance(unit, str) else unit[0]
+
+
+def merge_mismatched_layouts(subject: dict, style: dict, rows: dict) -> None:
+    """In place: a weight both cover with different unit sets becomes one whole-weight unit per side.
+
+    The side's slices are stacked into block factors (up [rows, sum r], down [sum r, in]) whose
+    product is the whole weight's delta, so the reference rank is the sum of the slices' ranks.
+    """
+    names_s = {_name(u) for u in subject}
+    names_t = {_name(u) for u in style}
+    for name in names_s & names_t:
+        units_s = {u for u in subject if _name(u) == name}
+        units_t = {u for u in style if _name(u) == name}
+        if units_s == units_t:
+            continue
+        for side, units in ((subject, units_s), (style, units_t)):
+            parts = [(u, side.pop(u)) for u in sorted(units, key=str)]
+            total = sum(up.shape[1] for _, (up, _) in parts)
+            up_full = torch.zeros((rows[name], total), dtype=torch.float64)
+            downs, col = [], 0
+            for u, (up, down) in parts:
+                start, length = (0, rows[name]) if isinstance(u, str) else (u[1][1], u[1][2])
+                up_full[start:start + length, col:col + up.shape[1]] = up
+                downs.append(down)
+                col += up.shape[1]
+            side[name] = (up_full, torch.cat(downs))
+
+
 class BruteForce:
     """Reference model: sample with ``comfy.sample.sample(self.patcher, ...)``.
 
@@ -48,6 +78,8 @@ class BruteForce:
         for truth_s, truth_t, (ss, st), a, b, pat in [(subject_truth, style_truth, strengths, alpha, beta, pattern),
                                                       *more_pairs]:
             subject, style = units_of(truth_s, ss), units_of(truth_t, st)
+            rows = {name: p.shape[0] for name, p in self.model.named_parameters()}
+            merge_mismatched_layouts(subject, style, rows)
             self.pairs.append((subject, style, core_reference.reference_plan(subject, style, a, b, pat)))
         self.subject, self.style, self.plan = self.pairs[0]
         self.extras = [units_of(truth, strength) for truth, strength in extras]
