@@ -63,7 +63,7 @@ CASES = [
     ("flux", "euler", "simple", 8, "s*", "noise level", 1.0, 1),
     ("flux", "heun", "beta", 5, "s", "noise level", 1.0, 1),
     ("sd15", "euler", "sgm_uniform", 1, "s", "noise level", 3.0, 1),
-    ("sd15", "euler", "sgm_uniform", 40, "s*", "noise level", 3.0, 1),
+    ("sd15", "euler", "sgm_uniform", 150, "s*", "noise level", 3.0, 1),
 ]
 
 
@@ -148,3 +148,24 @@ def test_strengths_scale_the_applied_delta(klora_pack, tmp_path):
     ref = brute_force.BruteForce(family, 0, truth_s, truth_t, strengths=(0.7, 1.3), full_sigmas=full)
     expected = _sample(ref.patcher, family, 8)
     torch.testing.assert_close(ours, expected, atol=ATOL, rtol=RTOL)
+
+
+def test_cfg_split_into_separate_batches(klora_pack, tmp_path):
+    """An area-restricted positive cond cannot be batched with the negative: several model calls per step."""
+    import comfy.sample
+    from klora_pack.nodes.fuse import fuse_model
+
+    family, steps = "sd15", 6
+    model = tiny_models.build_model(family, seed=0)
+    hs, ht, truth_s, truth_t = _handles(klora_pack, tmp_path, model)
+    result = fuse_model(model, hs, ht)
+    ref = brute_force.BruteForce(family, 0, truth_s, truth_t, full_sigmas=_full_sigmas(model, "sgm_uniform", steps))
+    positive, negative = tiny_models.make_conds(family, seed=5)
+    area = [[positive[0][0] * 0.5, {"area": (4, 4, 0, 0), "strength": 1.0}]]
+    outputs = []
+    for target in (result.model, ref.patcher):
+        latent, noise = tiny_models.make_latent(family, seed=5)
+        outputs.append(comfy.sample.sample(target, noise, steps, 3.0, "euler", "sgm_uniform", positive + area,
+                                           negative, latent, disable_pbar=True, seed=5))
+    torch.testing.assert_close(outputs[0], outputs[1], atol=ATOL, rtol=RTOL)
+    assert len(ref.progress_log) >= 2 * steps  # really split: more than one model call per step
