@@ -157,6 +157,13 @@ def score_units(units, subject_patches, style_patches, model_patcher, subject, s
             t_stats = delta_stats(t_delta, k, display_key(unit))
         except KLoRAError as exc:
             raise KLoRAError(f"{subject.label()} / {style.label()}: {exc}") from None
+        except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+            if not _is_out_of_memory(exc):
+                raise
+            raise KLoRAError(
+                f"out of memory while scoring layer {display_key(unit)} of {subject.label()} / {style.label()} "
+                f"on {device}; free memory (or unload other models) and run again. Nothing was patched."
+            ) from None
         cached[unit] = WeightScore(
             subject_topk=s_stats.topk_sum, style_topk=t_stats.topk_sum,
             subject_l1=s_stats.l1, style_l1=t_stats.l1, k=k, subject_rank=s_rank, style_rank=t_rank,
@@ -166,6 +173,13 @@ def score_units(units, subject_patches, style_patches, model_patcher, subject, s
     for unit in units:
         out[unit] = cached[unit]
     return out
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))):
+        return True
+    text = str(exc).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
 
 
 def scaled_details(details: dict, subject_strength: float, style_strength: float) -> dict:
