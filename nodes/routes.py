@@ -1,0 +1,510 @@
+"""HTTP preview of a K-LoRA fusion: ``/klora/preview`` (JSON) and ``/klora/preview.png``.
+
+The frontend extension (``web/klora.js``) calls these while the user edits a
+"K-LoRA Fuse" node, so the selection map follows alpha, beta, pattern, scope,
+steps and the two loaders' files/strengths without queueing a prompt.  No
+model is needed: the two files are read with the pack's safe reader
+(``nodes/lora_files.read_lora_file``: safetensors, or ``torch.load`` with
+``weights_only=True``), grouped into ``{canonical module: (up, down)}`` by
+``klora_core.lora_file.lora_modules`` and scored by ``klora_core.build_plan``.
+Module names are the file reader's canonical names (``down_blocks_1_...``),
+not ComfyUI's model keys, so the rows may be named and ordered slightly
+differently from the node's own map; the decisions are the same wherever the
+two readers pair the same weights (see README "See the fusion").
+
+Request (GET query string, or POST with a JSON object body):
+
+============== ======== ==================================================
+parameter      default  meaning
+============== ======== ==================================================
+subject        required file name as listed in ComfyUI's loras folder
+style          required file name as listed in ComfyUI's loras folder
+subject_strength 1.0    -100..100 (as "Load Subject LoRA")
+style_strength 1.0      -100..100
+alpha          1.5      0..10
+beta           -1       -1..10; negative = the pattern's default
+pattern        "s"      "s" or "s*"
+scope          "attention projections" or "all shared weights"
+map_steps      20       1..150 (columns)
+============== ======== ==================================================
+
+Every problem with the request is a 400 with ``{"error": {"type", "param",
+"message"}}``; files that cannot be fused (no shared layer, corrupt file) are
+a 422 with the same shape.  Scores are computed once per pair of file
+*contents* (SHA-256) and scope, at strength 1, and kept in a bounded LRU
+cache; strengths and the schedule are applied afterwards, so dragging a
+slider never rescores.  Scoring runs in a worker thread so the server's event
+loop stays responsive.
+
+Registration is guarded: without a running ``server.PromptServer`` (e.g. when
+tests import the pack in-process) importing this module registers nothing.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import math
+import ntpath
+import os
+import posixpath
+import sys
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+
+from ..klora_core import schedule
+from ..klora_core.errors import KLoRAError
+
+logger = logging.getLogger(__name__)
+
+ROUTE_JSON = "/klora/preview"
+ROUTE_PNG = "/klora/preview.png"
+
+SCOPE_ATTENTION = "attention projections"  # same strings as nodes/fuse.py (kept import-light here)
+SCOPE_ALL = "all shared weights"
+SCOPES = (SCOPE_ATTENTION, SCOPE_ALL)
+
+STRENGTH_RANGE = (-100.0, 100.0)
+ALPHA_RANGE = (0.0, 10.0)
+BETA_RANGE = (-1.0, 10.0)
+STEPS_RANGE = (1, 150)
+MAX_BODY_BYTES = 64 * 1024
+MAX_NAME_CHARS = 1024
+
+#: Pairs of files (x scope) whose scores are kept.
+CACHE_PAIRS = 16
+
+PARAMS = ("subject", "style", "subject_strength", "style_strength", "alpha", "beta", "pattern", "scope",
+          "map_steps")
+
+
+class PreviewRequestError(Exception):
+    """A bad request parameter (HTTP 400)."""
+
+    def __init__(self, param, message, status=400, kind="invalid_parameter"):
+        super().__init__(message)
+        self.param = param
+        self.message = message
+        self.status = status
+        self.kind = kind
+
+    def payload(self) -> dict:
+        error = {"type": self.kind, "message": self.message}
+        if self.param is not None:
+            error["param"] = self.param
+        return {"error": error}
+
+
+@dataclass(frozen=True)
+class PreviewParams:
+    subject: str
+    style: str
+    subject_strength: float = 1.0
+    style_strength: float = 1.0
+    alpha: float = 1.5
+    beta: float = -1.0
+    pattern: str = schedule.PATTERN_S
+    scope: str = SCOPE_ATTENTION
+    map_steps: int = 20
+
+    @property
+    def resolved_beta(self) -> float:
+        return schedule.DEFAULTS[self.pattern][1] if self.beta < 0 else self.beta
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _lora_names() -> list:
+    import folder_paths
+
+    return list(folder_paths.get_filename_list("loras"))
+
+
+def _check_name(param: str, value, names) -> str:
+    if value is None:
+        raise PreviewRequestError(param, f"{param} is required: the name of a LoRA file in ComfyUI's loras folder")
+    if not isinstance(value, str):
+        raise PreviewRequestError(param, f"{param} must be a string (a LoRA file name), got {type(value).__name__}")
+    if not value.strip():
+        raise PreviewRequestError(param, f"{param} must not be empty")
+    if len(value) > MAX_NAME_CHARS or "\x00" in value:
+        raise PreviewRequestError(param, f"{param} is not a valid file name")
+    if posixpath.isabs(value) or ntpath.isabs(value) or ntpath.splitdrive(value)[0] or value.startswith("~"):
+        raise PreviewRequestError(param, f"{param} must be a name from ComfyUI's loras folder, not an absolute path")
+    if any(part == ".." for part in value.replace("\\", "/").split("/")):
+        raise PreviewRequestError(param, f"{param} must be a name from ComfyUI's loras folder; '..' is not allowed")
+    if value not in names:
+        raise PreviewRequestError(
+            param, f"{param}: '{value}' is not in ComfyUI's loras folder (put the file there and refresh)",
+            kind="unknown_lora")
+    return value
+
+
+def _check_number(param: str, value, default: float, lo: float, hi: float, from_query: bool) -> float:
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        raise PreviewRequestError(param, f"{param} must be a number, got {json.dumps(value)}")
+    if isinstance(value, str) and from_query:
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise PreviewRequestError(param, f"{param} must be a number, got {value[:40]!r}") from None
+    elif isinstance(value, (int, float)):
+        number = float(value)
+    else:
+        raise PreviewRequestError(param, f"{param} must be a number, got {type(value).__name__}")
+    if not math.isfinite(number):
+        raise PreviewRequestError(param, f"{param} must be a finite number, got {value!r}")
+    if not lo <= number <= hi:
+        raise PreviewRequestError(param, f"{param} must be between {lo:g} and {hi:g}, got {number:g}")
+    return number
+
+
+def _check_int(param: str, value, default: int, lo: int, hi: int, from_query: bool) -> int:
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        raise PreviewRequestError(param, f"{param} must be an integer, got {json.dumps(value)}")
+    if isinstance(value, str) and from_query:
+        text = value.strip()
+        if not text.lstrip("+-").isdigit():
+            raise PreviewRequestError(param, f"{param} must be an integer, got {value[:40]!r}")
+        number = int(text)
+    elif isinstance(value, int):
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    else:
+        raise PreviewRequestError(param, f"{param} must be an integer, got {value!r}"[:120])
+    if not lo <= number <= hi:
+        raise PreviewRequestError(param, f"{param} must be between {lo} and {hi}, got {number}")
+    return number
+
+
+def _check_choice(param: str, value, default: str, choices) -> str:
+    if value is None:
+        return default
+    if not isinstance(value, str) or value not in choices:
+        shown = value[:40] if isinstance(value, str) else value
+        raise PreviewRequestError(
+            param, f"{param} must be one of {', '.join(repr(c) for c in choices)}, got {shown!r}")
+    return value
+
+
+def parse_params(raw, from_query: bool, names=None) -> PreviewParams:
+    """Validate a request's parameters (query dict or JSON object) into :class:`PreviewParams`.
+
+    Raises PreviewRequestError (param + clear message) on the first problem.
+    ``names`` defaults to ComfyUI's list of LoRA files.
+    """
+    if not isinstance(raw, dict):
+        raise PreviewRequestError(None, "the request body must be a JSON object")
+    unknown = sorted(str(k) for k in raw if k not in PARAMS)
+    if unknown:
+        raise PreviewRequestError(
+            unknown[0], f"unknown parameter(s) {', '.join(repr(u[:40]) for u in unknown[:5])}; "
+                        f"accepted: {', '.join(PARAMS)}")
+    names = set(_lora_names() if names is None else names)
+    return PreviewParams(
+        subject=_check_name("subject", raw.get("subject"), names),
+        style=_check_name("style", raw.get("style"), names),
+        subject_strength=_check_number("subject_strength", raw.get("subject_strength"), 1.0, *STRENGTH_RANGE,
+                                       from_query),
+        style_strength=_check_number("style_strength", raw.get("style_strength"), 1.0, *STRENGTH_RANGE,
+                                     from_query),
+        alpha=_check_number("alpha", raw.get("alpha"), 1.5, *ALPHA_RANGE, from_query),
+        beta=_check_number("beta", raw.get("beta"), -1.0, *BETA_RANGE, from_query),
+        pattern=_check_choice("pattern", raw.get("pattern"), schedule.PATTERN_S, schedule.PATTERNS),
+        scope=_check_choice("scope", raw.get("scope"), SCOPE_ATTENTION, SCOPES),
+        map_steps=_check_int("map_steps", raw.get("map_steps"), 20, *STEPS_RANGE, from_query),
+    )
+
+
+# ---------------------------------------------------------------- scoring + cache
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """Scores of a file pair at strength 1 (one cache entry)."""
+
+    details: dict  # {canonical module: WeightScore}, in natural model order
+    subject_only: tuple
+    style_only: tuple
+    outside_scope: int  # shared diffusion-model modules outside the scope
+    subject_modules: int
+    style_modules: int
+
+
+_CACHE: "OrderedDict[tuple, _Scored]" = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+_SCORE_LOCK = threading.Lock()  # one scoring at a time (bounded memory: two files read at once)
+_STATS = {"hits": 0, "misses": 0}
+
+
+def clear_cache() -> None:
+    with _CACHE_LOCK:
+        _CACHE.clear()
+        _STATS.update(hits=0, misses=0)
+
+
+def cache_stats() -> dict:
+    with _CACHE_LOCK:
+        return {"entries": len(_CACHE), "capacity": CACHE_PAIRS, **_STATS}
+
+
+def _full_path(name: str) -> str:
+    import folder_paths
+
+    path = folder_paths.get_full_path("loras", name)
+    if path is None or not os.path.isfile(path):
+        raise PreviewRequestError(None, f"LoRA '{name}' was listed but cannot be found any more; refresh",
+                                  kind="unknown_lora")
+    return path
+
+
+def _modules(path: str, label: str) -> dict:
+    from ..klora_core.lora_file import lora_modules
+    from .lora_files import read_lora_file
+
+    return lora_modules(read_lora_file(path, label), 1.0, source=label)
+
+
+def _score(subject_path: str, style_path: str, p: PreviewParams) -> _Scored:
+    from ..klora_core.lora_file import is_attention_module
+    from ..klora_core.plan import build_plan
+
+    subject = _modules(subject_path, f"subject LoRA '{p.subject}'")
+    style = _modules(style_path, f"style LoRA '{p.style}'")
+    # Text-encoder modules are never switched by the node (it patches the diffusion model only).
+    subject = {k: v for k, v in subject.items() if not k.startswith(("te1_", "te2_"))}
+    style = {k: v for k, v in style.items() if not k.startswith(("te1_", "te2_"))}
+    shared = [k for k in subject if k in style]
+    if not shared:
+        raise KLoRAError(f"subject LoRA '{p.subject}' and style LoRA '{p.style}' share no diffusion-model "
+                         "layer: they were trained for different models (or use names that cannot be paired)")
+    if p.scope == SCOPE_ATTENTION:
+        in_scope = [k for k in shared if is_attention_module(k)]
+        if not in_scope:
+            raise KLoRAError(f"the LoRAs share {len(shared)} layers but no attention projection; "
+                             "set scope to 'all shared weights'")
+    else:
+        in_scope = shared
+    kept = set(in_scope)
+    plan = build_plan({k: subject[k] for k in in_scope}, {k: style[k] for k in in_scope}, 1.5, 0.5, "s")
+    return _Scored(
+        details=dict(plan.details),
+        subject_only=tuple(k for k in subject if k not in style),
+        style_only=tuple(k for k in style if k not in subject),
+        outside_scope=len([k for k in shared if k not in kept]),
+        subject_modules=len(subject),
+        style_modules=len(style),
+    )
+
+
+def scored_pair(p: PreviewParams):
+    """``(_Scored, cache_hit)`` for the request's files and scope (strength-1 scores, cached)."""
+    from .lora_files import content_sha256
+
+    subject_path, style_path = _full_path(p.subject), _full_path(p.style)
+    key = (content_sha256(subject_path), content_sha256(style_path), p.scope)
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None:
+            _CACHE.move_to_end(key)
+            _STATS["hits"] += 1
+            return hit, True
+    with _SCORE_LOCK:
+        with _CACHE_LOCK:  # computed by a concurrent request meanwhile?
+            hit = _CACHE.get(key)
+            if hit is not None:
+                _CACHE.move_to_end(key)
+                _STATS["hits"] += 1
+                return hit, True
+        scored = _score(subject_path, style_path, p)
+        with _CACHE_LOCK:
+            _STATS["misses"] += 1
+            _CACHE[key] = scored
+            while len(_CACHE) > CACHE_PAIRS:
+                _CACHE.popitem(last=False)
+    return scored, False
+
+
+def make_plan(p: PreviewParams):
+    """``(plan or None, scored, cache_hit, notes)``; plan None when a strength is 0."""
+    from ..klora_core.plan import plan_from_scores
+
+    scored, hit = scored_pair(p)
+    notes = []
+    if p.subject_strength == 0.0 or p.style_strength == 0.0:
+        notes.append("one strength is 0: K-LoRA has nothing to balance, so every weight takes the other LoRA")
+        return None, scored, hit, notes
+    s, t = abs(p.subject_strength), abs(p.style_strength)
+    details = {k: replace(d, subject_topk=d.subject_topk * s, style_topk=d.style_topk * t,
+                          subject_l1=d.subject_l1 * s, style_l1=d.style_l1 * t)
+               for k, d in scored.details.items()}
+    plan = plan_from_scores(details, scored.subject_only, scored.style_only, p.alpha, p.resolved_beta, p.pattern)
+    return plan, scored, hit, notes
+
+
+def _groups(keys) -> list:
+    from ..klora_core.render import default_group
+
+    groups = []
+    for index, key in enumerate(keys):
+        name = default_group(key)
+        if groups and groups[-1]["name"] == name:
+            groups[-1]["count"] += 1
+        else:
+            groups.append({"name": name, "start": index, "count": 1})
+    return groups
+
+
+def preview_payload(p: PreviewParams) -> dict:
+    """The JSON answer for valid parameters (raises KLoRAError when the files cannot be fused)."""
+    plan, scored, hit, notes = make_plan(p)
+    steps = p.map_steps
+    keys = list(scored.details)
+    if plan is not None:
+        selection = plan.selection(steps)
+        rows = ["".join("1" if c else "0" for c in selection[k]) for k in keys]
+        gamma = plan.gamma
+        scales = [plan.scale(schedule.step_progress(i, steps)) for i in range(steps)]
+    else:
+        fill = "0" if p.subject_strength == 0.0 else "1"
+        rows = [fill * steps for _ in keys]
+        gamma = None
+        scales = None
+    per_step = [sum(1 for r in rows if r[i] == "1") for i in range(steps)]
+    n = len(keys)
+    return {
+        "version": 1,
+        "subject": p.subject,
+        "style": p.style,
+        "subject_strength": p.subject_strength,
+        "style_strength": p.style_strength,
+        "pattern": p.pattern,
+        "alpha": p.alpha,
+        "beta": p.resolved_beta,
+        "scope": p.scope,
+        "steps": steps,
+        "gamma": gamma,
+        "scale": scales,
+        "keys": keys,
+        "groups": _groups(keys),
+        # One string per key, one character per step: "1" = subject delta, "0" = style delta.
+        "selection": rows,
+        "counts": {
+            "weights": n,
+            "subject_per_step": per_step,
+            "first_step": {"subject": per_step[0], "style": n - per_step[0]},
+            "last_step": {"subject": per_step[-1], "style": n - per_step[-1]},
+            "subject_only": len(scored.subject_only),
+            "style_only": len(scored.style_only),
+            "outside_scope": scored.outside_scope,
+            "subject_modules": scored.subject_modules,
+            "style_modules": scored.style_modules,
+        },
+        "notes": notes,
+        "cached": hit,
+    }
+
+
+def preview_png(p: PreviewParams) -> bytes:
+    from PIL import PngImagePlugin
+
+    from ..klora_core.render import render_selection_map
+
+    plan, scored, _hit, _notes = make_plan(p)
+    if plan is None:
+        raise KLoRAError("one strength is 0: there is no selection to draw (every weight takes the other LoRA)")
+    image = render_selection_map(plan, p.map_steps, title=f"K-LoRA preview: {p.subject} + {p.style}")
+    info = PngImagePlugin.PngInfo()  # keep the cell geometry, as klora_core.render.save_png does
+    if "klora:grid" in image.info:
+        info.add_text("klora:grid", image.info["klora:grid"])
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------- aiohttp glue
+
+
+async def _read_params(request) -> PreviewParams:
+    if request.method == "POST":
+        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+            raise PreviewRequestError(None, f"request body too large (over {MAX_BODY_BYTES} bytes)", status=413,
+                                      kind="too_large")
+        body = await request.content.read(MAX_BODY_BYTES + 1)
+        if len(body) > MAX_BODY_BYTES:
+            raise PreviewRequestError(None, f"request body too large (over {MAX_BODY_BYTES} bytes)", status=413,
+                                      kind="too_large")
+        try:
+            raw = json.loads(body.decode("utf-8")) if body.strip() else {}
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PreviewRequestError(None, f"the request body is not valid JSON ({exc})") from None
+        if request.query:  # parameters in both places would be ambiguous
+            raise PreviewRequestError(None, "send parameters either in the query string or in the JSON body, "
+                                            "not both")
+        return parse_params(raw, from_query=False)
+    query = request.query
+    repeated = sorted({k for k in query.keys() if len(query.getall(k)) > 1})
+    if repeated:
+        raise PreviewRequestError(repeated[0], f"parameter {repeated[0]!r} is given more than once")
+    return parse_params(dict(query), from_query=True)
+
+
+async def _respond(request, render):
+    from aiohttp import web
+
+    loop = asyncio.get_running_loop()
+    try:
+        params = await _read_params(request)
+        result = await loop.run_in_executor(None, render, params)
+    except PreviewRequestError as exc:
+        return web.json_response(exc.payload(), status=exc.status)
+    except KLoRAError as exc:
+        return web.json_response({"error": {"type": "cannot_fuse", "message": str(exc)}}, status=422)
+    except Exception as exc:  # never let the frontend see an HTML 500 page
+        logger.exception("K-LoRA preview failed")
+        return web.json_response({"error": {"type": "internal", "message": f"{type(exc).__name__}: {exc}"}},
+                                 status=500)
+    headers = {"Cache-Control": "no-store"}
+    if isinstance(result, bytes):
+        return web.Response(body=result, content_type="image/png", headers=headers)
+    return web.json_response(result, headers=headers)
+
+
+async def preview_json_handler(request):
+    return await _respond(request, preview_payload)
+
+
+async def preview_png_handler(request):
+    return await _respond(request, preview_png)
+
+
+def register(prompt_server=None) -> bool:
+    """Add the routes to ComfyUI's PromptServer; False (and nothing done) when there is none."""
+    if prompt_server is None:
+        # Only a server that is already running counts: ComfyUI's main.py imports server.py and creates
+        # the PromptServer before it loads custom nodes; tests that import the pack in-process have none.
+        server = sys.modules.get("server")
+        prompt_server = getattr(getattr(server, "PromptServer", None), "instance", None)
+    routes = getattr(prompt_server, "routes", None)
+    if routes is None:
+        return False
+    for path, handler in ((ROUTE_JSON, preview_json_handler), (ROUTE_PNG, preview_png_handler)):
+        routes.get(path)(handler)
+        routes.post(path)(handler)
+    logger.debug("K-LoRA: preview routes %s and %s registered", ROUTE_JSON, ROUTE_PNG)
+    return True
+
+
+try:
+    REGISTERED = register()
+except Exception as _exc:  # a preview route must never stop the nodes from loading
+    logger.warning("K-LoRA: preview route not registered (%s); the nodes work without it", _exc)
+    REGISTERED = False

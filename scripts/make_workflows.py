@@ -1,0 +1,446 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Write the example workflows in workflows/ (UI format) and workflows/api/ (API format).
+
+    python scripts/make_workflows.py            # rewrite all eight files
+    python scripts/make_workflows.py --check    # exit 1 if a file differs from what would be written
+
+One description per workflow produces both formats, so the graph the UI loads
+and the prompt scripts POST to /prompt never drift apart.  The UI files use
+the graph format of ComfyUI's frontend (``version`` 0.4, links as
+``[id, origin, origin_slot, target, target_slot, type]``, socket-only
+``inputs``, ``widgets_values`` in the order of the node's widget inputs, a
+``"fixed"`` control value after each seed); tests/test_workflows.py checks
+them against a running server's /object_info.
+
+Needs only the Python standard library.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+UI_DIR = ROOT / "workflows"
+API_DIR = UI_DIR / "api"
+FRONTEND_VERSION = "1.32.9"  # the frontend ComfyUI 0.3.75 ships; any 1.x loads this format
+
+# Widget inputs of each node type, in the order the frontend creates widgets
+# (required then optional inputs, as in the node's definition).  "#control"
+# marks the frontend-only "control after generate" value that follows a seed.
+WIDGETS = {
+    "CheckpointLoaderSimple": ["ckpt_name"],
+    "UNETLoader": ["unet_name", "weight_dtype"],
+    "DualCLIPLoader": ["clip_name1", "clip_name2", "type", "device"],
+    "VAELoader": ["vae_name"],
+    "KLoRASubjectLoader": ["lora_name", "strength", "strength_clip"],
+    "KLoRAStyleLoader": ["lora_name", "strength", "strength_clip"],
+    "KLoRAFuse": ["pattern", "alpha", "beta", "scope", "outside_scope", "progress_measure", "map_steps"],
+    "CLIPTextEncode": ["text"],
+    "FluxGuidance": ["guidance"],
+    "ConditioningZeroOut": [],
+    "EmptyLatentImage": ["width", "height", "batch_size"],
+    "EmptySD3LatentImage": ["width", "height", "batch_size"],
+    "KSampler": ["seed", "#control", "steps", "cfg", "sampler_name", "scheduler", "denoise"],
+    "VAEDecode": [],
+    "VAEEncode": [],
+    "LoadImage": ["image", "#upload"],
+    "ImageScale": ["upscale_method", "width", "height", "crop"],
+    "SaveImage": ["filename_prefix"],
+    "PreviewImage": [],
+    "Note": ["text"],
+}
+# Socket inputs (name, type) of each node type, in definition order.
+SOCKETS = {
+    "KLoRASubjectLoader": [("clip", "CLIP")],
+    "KLoRAStyleLoader": [("clip", "CLIP")],
+    "KLoRAFuse": [("model", "MODEL"), ("subject", "KLORA_SUBJECT"), ("style", "KLORA_STYLE")],
+    "CLIPTextEncode": [("clip", "CLIP")],
+    "FluxGuidance": [("conditioning", "CONDITIONING")],
+    "ConditioningZeroOut": [("conditioning", "CONDITIONING")],
+    "KSampler": [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                 ("latent_image", "LATENT")],
+    "VAEDecode": [("samples", "LATENT"), ("vae", "VAE")],
+    "VAEEncode": [("pixels", "IMAGE"), ("vae", "VAE")],
+    "ImageScale": [("image", "IMAGE")],
+    "SaveImage": [("images", "IMAGE")],
+    "PreviewImage": [("images", "IMAGE")],
+}
+OUTPUTS = {
+    "CheckpointLoaderSimple": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
+    "UNETLoader": [("MODEL", "MODEL")],
+    "DualCLIPLoader": [("CLIP", "CLIP")],
+    "VAELoader": [("VAE", "VAE")],
+    "KLoRASubjectLoader": [("subject", "KLORA_SUBJECT"), ("clip", "CLIP")],
+    "KLoRAStyleLoader": [("style", "KLORA_STYLE"), ("clip", "CLIP")],
+    "KLoRAFuse": [("model", "MODEL"), ("report", "STRING"), ("selection_map", "IMAGE")],
+    "CLIPTextEncode": [("CONDITIONING", "CONDITIONING")],
+    "FluxGuidance": [("CONDITIONING", "CONDITIONING")],
+    "ConditioningZeroOut": [("CONDITIONING", "CONDITIONING")],
+    "EmptyLatentImage": [("LATENT", "LATENT")],
+    "EmptySD3LatentImage": [("LATENT", "LATENT")],
+    "KSampler": [("LATENT", "LATENT")],
+    "VAEDecode": [("IMAGE", "IMAGE")],
+    "VAEEncode": [("LATENT", "LATENT")],
+    "LoadImage": [("IMAGE", "IMAGE"), ("MASK", "MASK")],
+    "ImageScale": [("IMAGE", "IMAGE")],
+}
+FRONTEND_ONLY = {"Note"}  # not executed, absent from the API format
+TITLES = {"KLoRASubjectLoader": "Load Subject LoRA", "KLoRAStyleLoader": "Load Style LoRA",
+          "KLoRAFuse": "K-LoRA Fuse", "CheckpointLoaderSimple": "Load Checkpoint",
+          "UNETLoader": "Load Diffusion Model", "VAELoader": "Load VAE", "CLIPTextEncode": "CLIP Text Encode (Prompt)",
+          "EmptyLatentImage": "Empty Latent Image", "VAEDecode": "VAE Decode", "VAEEncode": "VAE Encode",
+          "SaveImage": "Save Image", "PreviewImage": "Preview Image", "LoadImage": "Load Image",
+          "ImageScale": "Upscale Image"}
+
+
+class Graph:
+    """A workflow under construction: nodes with widget values and links between sockets."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.nodes = []  # dicts: id, type, pos, size, widgets {name: value}, links {input: (src, slot)}, title
+
+    def add(self, node_type, pos, size, widgets=None, links=None, title=None, color=None):
+        node_id = len(self.nodes) + 1
+        widgets = dict(widgets or {})
+        expected = [w for w in WIDGETS[node_type] if not w.startswith("#")]
+        if list(widgets) != expected:
+            raise ValueError(f"{self.name}: {node_type} widgets {list(widgets)} != {expected}")
+        links = dict(links or {})
+        sockets = [name for name, _ in SOCKETS.get(node_type, [])]
+        unknown = set(links) - set(sockets)
+        if unknown:
+            raise ValueError(f"{self.name}: {node_type} has no socket {unknown}")
+        self.nodes.append({"id": node_id, "type": node_type, "pos": pos, "size": size, "widgets": widgets,
+                           "links": links, "title": title, "color": color})
+        return node_id
+
+    # ---- UI (graph) format
+    def ui(self) -> dict:
+        links = []
+        outputs = {}  # (node, slot) -> [link ids]
+        inputs = {}  # node -> [input dicts]
+        for node in self.nodes:
+            node_inputs = []
+            for name, socket_type in SOCKETS.get(node["type"], []):
+                link_id = None
+                if name in node["links"]:
+                    src, slot = node["links"][name]
+                    src_type = OUTPUTS[self.nodes[src - 1]["type"]][slot][1]
+                    if src_type != socket_type:
+                        raise ValueError(f"{self.name}: link {src}:{slot} ({src_type}) -> {node['id']}.{name} "
+                                         f"({socket_type})")
+                    link_id = len(links) + 1
+                    links.append([link_id, src, slot, node["id"], len(node_inputs), socket_type])
+                    outputs.setdefault((src, slot), []).append(link_id)
+                node_inputs.append({"name": name, "type": socket_type, "link": link_id})
+            inputs[node["id"]] = node_inputs
+        order = self._topological_order()
+        nodes = []
+        for node in self.nodes:
+            values = []
+            for widget in WIDGETS[node["type"]]:
+                if widget == "#control":
+                    values.append("fixed")
+                elif widget == "#upload":
+                    values.append("image")
+                else:
+                    values.append(node["widgets"][widget])
+            out = []
+            for slot, (name, out_type) in enumerate(OUTPUTS.get(node["type"], [])):
+                entry = {"name": name, "type": out_type, "links": outputs.get((node["id"], slot), [])}
+                entry["slot_index"] = slot
+                out.append(entry)
+            item = {
+                "id": node["id"],
+                "type": node["type"],
+                "pos": node["pos"],
+                "size": node["size"],
+                "flags": {},
+                "order": order[node["id"]],
+                "mode": 0,
+                "inputs": inputs[node["id"]],
+                "outputs": out,
+                "properties": {} if node["type"] in FRONTEND_ONLY else {"Node name for S&R": node["type"]},
+                "widgets_values": values,
+            }
+            if node["title"]:
+                item["title"] = node["title"]
+            if node["color"]:
+                item["color"], item["bgcolor"] = node["color"]
+            nodes.append(item)
+        return {
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, "klora-fusion/workflows/" + self.name)),
+            "revision": 0,
+            "last_node_id": len(self.nodes),
+            "last_link_id": len(links),
+            "nodes": nodes,
+            "links": links,
+            "groups": [],
+            "config": {},
+            "extra": {"ds": {"scale": 0.75, "offset": [460, 20]}, "frontendVersion": FRONTEND_VERSION},
+            "version": 0.4,
+        }
+
+    def _topological_order(self) -> dict:
+        done, order = set(), {}
+        remaining = list(self.nodes)
+        while remaining:
+            for node in remaining:
+                if all(src in done for src, _ in node["links"].values()):
+                    order[node["id"]] = len(order)
+                    done.add(node["id"])
+                    remaining.remove(node)
+                    break
+            else:
+                raise ValueError(f"{self.name}: the graph has a cycle")
+        return order
+
+    # ---- API format
+    def api(self) -> dict:
+        prompt = {}
+        for node in self.nodes:
+            if node["type"] in FRONTEND_ONLY:
+                continue
+            node_inputs = dict(node["widgets"])
+            for name, (src, slot) in node["links"].items():
+                node_inputs[name] = [str(src), slot]
+            ordered = {}
+            for widget in WIDGETS[node["type"]]:  # definition order: widgets and sockets interleaved as defined
+                if widget in node_inputs:
+                    ordered[widget] = node_inputs.pop(widget)
+            ordered.update(node_inputs)
+            prompt[str(node["id"])] = {
+                "inputs": ordered,
+                "class_type": node["type"],
+                "_meta": {"title": node["title"] or TITLES.get(node["type"], node["type"])},
+            }
+        return prompt
+
+
+FUSE_SIZE = [360, 420]
+LOADER_SIZE = [320, 130]
+
+NOTE_COMMON = (
+    "K-LoRA picks ONE of the two LoRA deltas for every attention weight at every step: "
+    "the subject's where T_S / gamma > T_T * scale(p), else the style's. The live map on "
+    "'K-LoRA Fuse' (blue = subject, orange = style) follows alpha, beta, pattern and the loaders "
+    "as you edit; after a run the node shows the same map for the real run.\n\n"
+)
+
+
+def sdxl() -> Graph:
+    g = Graph("klora_sdxl_subject_style")
+    g.add("Note", [-420, 40], [380, 420], {"text": (
+        "K-LoRA on SDXL: the paper's setting\n\n"
+        "Load:\n"
+        "- models/checkpoints/sd_xl_base_1.0.safetensors (SDXL base 1.0)\n"
+        "- models/loras/: a SUBJECT LoRA for SDXL (e.g. DreamBooth on your dog) and a STYLE LoRA for "
+        "SDXL (e.g. a watercolor style). Pick them in 'Load Subject LoRA' / 'Load Style LoRA'.\n\n"
+        "Prompt: the paper's template is 'a <trigger> <class> in <style> style'. Here: 'a sks dog in "
+        "watercolor painting style': 'sks' is the subject LoRA's DreamBooth token, 'watercolor painting "
+        "style' the style LoRA's trigger words. Replace both with YOUR LoRAs' trigger words.\n\n"
+        + NOTE_COMMON +
+        "Defaults as in the paper: pattern s, alpha 1.5, beta -1 (= 0.5), attention projections, "
+        "50 steps (set map_steps to your step count). Higher beta or alpha favours the style."
+    )}, color=("#432", "#653"))
+    ckpt = g.add("CheckpointLoaderSimple", [0, 40], [320, 100], {"ckpt_name": "sd_xl_base_1.0.safetensors"})
+    subject = g.add("KLoRASubjectLoader", [0, 200], LOADER_SIZE,
+                    {"lora_name": "subject_sks_dog_sdxl.safetensors", "strength": 1.0, "strength_clip": 1.0},
+                    {"clip": (ckpt, 1)})
+    style = g.add("KLoRAStyleLoader", [0, 380], LOADER_SIZE,
+                  {"lora_name": "style_watercolor_sdxl.safetensors", "strength": 1.0, "strength_clip": 1.0},
+                  {"clip": (subject, 1)})
+    fuse = g.add("KLoRAFuse", [380, 40], FUSE_SIZE,
+                 {"pattern": "s", "alpha": 1.5, "beta": -1.0, "scope": "attention projections",
+                  "outside_scope": "both", "progress_measure": "noise level", "map_steps": 50},
+                 {"model": (ckpt, 0), "subject": (subject, 0), "style": (style, 0)})
+    pos = g.add("CLIPTextEncode", [0, 560], [380, 120], {"text": "a sks dog in watercolor painting style"},
+                {"clip": (style, 1)}, title="Positive prompt", color=("#232", "#353"))
+    neg = g.add("CLIPTextEncode", [0, 730], [380, 100], {"text": ""}, {"clip": (style, 1)},
+                title="Negative prompt", color=("#322", "#533"))
+    latent = g.add("EmptyLatentImage", [400, 560], [300, 110], {"width": 1024, "height": 1024, "batch_size": 1})
+    sampler = g.add("KSampler", [780, 40], [300, 270],
+                    {"seed": 0, "steps": 50, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
+                     "denoise": 1.0},
+                    {"model": (fuse, 0), "positive": (pos, 0), "negative": (neg, 0), "latent_image": (latent, 0)})
+    decode = g.add("VAEDecode", [780, 360], [220, 50], links={"samples": (sampler, 0), "vae": (ckpt, 2)})
+    g.add("SaveImage", [1120, 40], [400, 440], {"filename_prefix": "klora/sdxl"}, {"images": (decode, 0)})
+    g.add("PreviewImage", [780, 460], [320, 360], links={"images": (fuse, 2)}, title="Selection map")
+    return g
+
+
+def flux() -> Graph:
+    g = Graph("klora_flux_s_star")
+    g.add("Note", [-420, 40], [380, 460], {"text": (
+        "K-LoRA on FLUX.1 with pattern s* (the paper's supplement; the authors' scripts default to it)\n\n"
+        "Load:\n"
+        "- models/diffusion_models/flux1-dev.safetensors\n"
+        "- models/text_encoders/clip_l.safetensors and t5xxl_fp16.safetensors (or the fp8 t5)\n"
+        "- models/vae/ae.safetensors\n"
+        "- models/loras/: a SUBJECT LoRA and a STYLE LoRA trained for FLUX.1-dev.\n\n"
+        "Prompt: 'a sks dog in watercolor painting style': replace 'sks dog' with your subject LoRA's "
+        "trigger word and class, and 'watercolor painting style' with your style LoRA's trigger words.\n\n"
+        + NOTE_COMMON +
+        "s*: scale(p) = (alpha*p + beta) mod alpha with alpha 1.5, beta 1.275 (= 0.85 * alpha): the style "
+        "leads the first ~15% of the steps (colours, background), then the subject, then the style again. "
+        "FLUX LoRAs rarely train the text encoders: the CLIP chain through the loaders is harmless."
+    )}, color=("#432", "#653"))
+    unet = g.add("UNETLoader", [0, 40], [320, 90], {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"})
+    clip = g.add("DualCLIPLoader", [0, 170], [320, 130],
+                 {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors", "type": "flux",
+                  "device": "default"})
+    vae = g.add("VAELoader", [0, 340], [320, 60], {"vae_name": "ae.safetensors"})
+    subject = g.add("KLoRASubjectLoader", [0, 440], LOADER_SIZE,
+                    {"lora_name": "subject_sks_dog_flux.safetensors", "strength": 1.0, "strength_clip": 1.0},
+                    {"clip": (clip, 0)})
+    style = g.add("KLoRAStyleLoader", [0, 610], LOADER_SIZE,
+                  {"lora_name": "style_watercolor_flux.safetensors", "strength": 1.0, "strength_clip": 1.0},
+                  {"clip": (subject, 1)})
+    fuse = g.add("KLoRAFuse", [380, 40], FUSE_SIZE,
+                 {"pattern": "s*", "alpha": 1.5, "beta": 1.275, "scope": "attention projections",
+                  "outside_scope": "both", "progress_measure": "noise level", "map_steps": 28},
+                 {"model": (unet, 0), "subject": (subject, 0), "style": (style, 0)})
+    pos = g.add("CLIPTextEncode", [380, 520], [380, 120], {"text": "a sks dog in watercolor painting style"},
+                {"clip": (style, 1)}, title="Prompt", color=("#232", "#353"))
+    guidance = g.add("FluxGuidance", [380, 690], [300, 60], {"guidance": 3.5}, {"conditioning": (pos, 0)})
+    negative = g.add("ConditioningZeroOut", [380, 790], [240, 30], links={"conditioning": (pos, 0)})
+    latent = g.add("EmptySD3LatentImage", [780, 520], [300, 110], {"width": 1024, "height": 1024, "batch_size": 1})
+    sampler = g.add("KSampler", [780, 40], [300, 270],
+                    {"seed": 0, "steps": 28, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+                     "denoise": 1.0},
+                    {"model": (fuse, 0), "positive": (guidance, 0), "negative": (negative, 0),
+                     "latent_image": (latent, 0)})
+    decode = g.add("VAEDecode", [780, 360], [220, 50], links={"samples": (sampler, 0), "vae": (vae, 0)})
+    g.add("SaveImage", [1120, 40], [400, 440], {"filename_prefix": "klora/flux"}, {"images": (decode, 0)})
+    g.add("PreviewImage", [1120, 520], [320, 360], links={"images": (fuse, 2)}, title="Selection map")
+    return g
+
+
+def sd15() -> Graph:
+    g = Graph("klora_sd15")
+    g.add("Note", [-420, 40], [380, 400], {"text": (
+        "K-LoRA on Stable Diffusion 1.5\n\n"
+        "Load:\n"
+        "- models/checkpoints/v1-5-pruned-emaonly-fp16.safetensors (or any SD1.5 checkpoint)\n"
+        "- models/loras/: a SUBJECT LoRA and a STYLE LoRA trained for SD1.5 (kohya, diffusers and PEFT "
+        "files all work).\n\n"
+        "Prompt: 'a sks dog in watercolor painting style': 'sks dog' is the subject LoRA's trigger word "
+        "and class, 'watercolor painting style' the style LoRA's trigger words; use your LoRAs' own.\n\n"
+        + NOTE_COMMON +
+        "Pattern s, alpha 1.5, beta -1 (= 0.5), 30 steps (map_steps = 30)."
+    )}, color=("#432", "#653"))
+    ckpt = g.add("CheckpointLoaderSimple", [0, 40], [320, 100],
+                 {"ckpt_name": "v1-5-pruned-emaonly-fp16.safetensors"})
+    subject = g.add("KLoRASubjectLoader", [0, 200], LOADER_SIZE,
+                    {"lora_name": "subject_sks_dog_sd15.safetensors", "strength": 1.0, "strength_clip": 1.0},
+                    {"clip": (ckpt, 1)})
+    style = g.add("KLoRAStyleLoader", [0, 380], LOADER_SIZE,
+                  {"lora_name": "style_watercolor_sd15.safetensors", "strength": 1.0, "strength_clip": 1.0},
+                  {"clip": (subject, 1)})
+    fuse = g.add("KLoRAFuse", [380, 40], FUSE_SIZE,
+                 {"pattern": "s", "alpha": 1.5, "beta": -1.0, "scope": "attention projections",
+                  "outside_scope": "both", "progress_measure": "noise level", "map_steps": 30},
+                 {"model": (ckpt, 0), "subject": (subject, 0), "style": (style, 0)})
+    pos = g.add("CLIPTextEncode", [0, 560], [380, 120], {"text": "a sks dog in watercolor painting style"},
+                {"clip": (style, 1)}, title="Positive prompt", color=("#232", "#353"))
+    neg = g.add("CLIPTextEncode", [0, 730], [380, 100], {"text": "blurry, low quality"}, {"clip": (style, 1)},
+                title="Negative prompt", color=("#322", "#533"))
+    latent = g.add("EmptyLatentImage", [400, 560], [300, 110], {"width": 512, "height": 512, "batch_size": 1})
+    sampler = g.add("KSampler", [780, 40], [300, 270],
+                    {"seed": 0, "steps": 30, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal",
+                     "denoise": 1.0},
+                    {"model": (fuse, 0), "positive": (pos, 0), "negative": (neg, 0), "latent_image": (latent, 0)})
+    decode = g.add("VAEDecode", [780, 360], [220, 50], links={"samples": (sampler, 0), "vae": (ckpt, 2)})
+    g.add("SaveImage", [1120, 40], [400, 440], {"filename_prefix": "klora/sd15"}, {"images": (decode, 0)})
+    g.add("PreviewImage", [780, 460], [320, 360], links={"images": (fuse, 2)}, title="Selection map")
+    return g
+
+
+def img2img() -> Graph:
+    g = Graph("klora_img2img")
+    g.add("Note", [-420, 40], [380, 480], {"text": (
+        "K-LoRA image-to-image (SD1.5)\n\n"
+        "Load:\n"
+        "- models/checkpoints/v1-5-pruned-emaonly-fp16.safetensors (or any SD1.5 checkpoint)\n"
+        "- models/loras/: a SUBJECT LoRA and a STYLE LoRA trained for SD1.5\n"
+        "- an input picture in 'Load Image' (upload your own; example.png ships with ComfyUI)\n\n"
+        "Prompt: 'a sks dog in watercolor painting style': replace 'sks dog' and 'watercolor painting "
+        "style' with your LoRAs' trigger words.\n\n"
+        + NOTE_COMMON +
+        "With denoise 0.6 the sampler starts part-way into the noise schedule. progress_measure "
+        "'noise level' measures K-LoRA's progress p on the model's own schedule, so the run starts at "
+        "p of about 0.4 and the subject-only early steps are skipped: the style is stronger than in "
+        "text-to-image. Lower beta (e.g. 0.3) to give the subject more weight."
+    )}, color=("#432", "#653"))
+    ckpt = g.add("CheckpointLoaderSimple", [0, 40], [320, 100],
+                 {"ckpt_name": "v1-5-pruned-emaonly-fp16.safetensors"})
+    subject = g.add("KLoRASubjectLoader", [0, 200], LOADER_SIZE,
+                    {"lora_name": "subject_sks_dog_sd15.safetensors", "strength": 1.0, "strength_clip": 1.0},
+                    {"clip": (ckpt, 1)})
+    style = g.add("KLoRAStyleLoader", [0, 380], LOADER_SIZE,
+                  {"lora_name": "style_watercolor_sd15.safetensors", "strength": 1.0, "strength_clip": 1.0},
+                  {"clip": (subject, 1)})
+    fuse = g.add("KLoRAFuse", [380, 40], FUSE_SIZE,
+                 {"pattern": "s", "alpha": 1.5, "beta": -1.0, "scope": "attention projections",
+                  "outside_scope": "both", "progress_measure": "noise level", "map_steps": 30},
+                 {"model": (ckpt, 0), "subject": (subject, 0), "style": (style, 0)})
+    pos = g.add("CLIPTextEncode", [0, 560], [380, 120], {"text": "a sks dog in watercolor painting style"},
+                {"clip": (style, 1)}, title="Positive prompt", color=("#232", "#353"))
+    neg = g.add("CLIPTextEncode", [0, 730], [380, 100], {"text": "blurry, low quality"}, {"clip": (style, 1)},
+                title="Negative prompt", color=("#322", "#533"))
+    image = g.add("LoadImage", [400, 520], [300, 320], {"image": "example.png"})
+    scaled = g.add("ImageScale", [400, 880], [300, 130],
+                   {"upscale_method": "bicubic", "width": 512, "height": 512, "crop": "center"},
+                   {"image": (image, 0)})
+    encode = g.add("VAEEncode", [780, 560], [220, 50], links={"pixels": (scaled, 0), "vae": (ckpt, 2)})
+    sampler = g.add("KSampler", [780, 40], [300, 270],
+                    {"seed": 0, "steps": 30, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal",
+                     "denoise": 0.6},
+                    {"model": (fuse, 0), "positive": (pos, 0), "negative": (neg, 0), "latent_image": (encode, 0)})
+    decode = g.add("VAEDecode", [780, 360], [220, 50], links={"samples": (sampler, 0), "vae": (ckpt, 2)})
+    g.add("SaveImage", [1120, 40], [400, 440], {"filename_prefix": "klora/img2img"}, {"images": (decode, 0)})
+    g.add("PreviewImage", [1120, 520], [320, 360], links={"images": (fuse, 2)}, title="Selection map")
+    return g
+
+
+WORKFLOWS = (sdxl, flux, sd15, img2img)
+
+
+def rendered() -> dict:
+    """``{path: text}`` of every file this script writes."""
+    files = {}
+    for make in WORKFLOWS:
+        graph = make()
+        files[UI_DIR / f"{graph.name}.json"] = json.dumps(graph.ui(), indent=2, ensure_ascii=False) + "\n"
+        files[API_DIR / f"{graph.name}.json"] = json.dumps(graph.api(), indent=2, ensure_ascii=False) + "\n"
+    return files
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only check that the files are up to date")
+    args = parser.parse_args(argv)
+    stale = []
+    for path, text in rendered().items():
+        current = path.read_text(encoding="utf-8") if path.exists() else None
+        if current == text:
+            continue
+        stale.append(path)
+        if not args.check:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+    if args.check and stale:
+        print("out of date: " + ", ".join(str(p.relative_to(ROOT)) for p in stale), file=sys.stderr)
+        return 1
+    for path in stale if not args.check else []:
+        print(f"wrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
