@@ -97,6 +97,7 @@ def dense_delta(delta: Delta, key: str = "?") -> torch.Tensor:
     return up.to(torch.float32) @ down.to(torch.float32)
 
 
+@torch.no_grad()
 def delta_stats(delta: Delta, k: int, key: str = "?", block_elements: int = DEFAULT_BLOCK_ELEMENTS) -> DeltaStats:
     """Top-K absolute sum and L1 norm of one delta (K capped at its element count).
 

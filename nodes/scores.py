@@ -73,6 +73,7 @@ def adapter_rank(value, dense: torch.Tensor) -> int:
     return int(min(flat.shape))
 
 
+@torch.no_grad()
 def dense_delta(value, unit_key, model_patcher, device) -> torch.Tensor:
     """The delta of any patch value at strength 1, by patching a float32 copy and subtracting."""
     name = weight_name(unit_key)
