@@ -129,6 +129,7 @@ def build_plan(
     style_rank: RankSpec = None,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     progress: Optional[Callable[[int, int], None]] = None,
+    batched: bool = False,
 ) -> KLoRAPlan:
     """Score a subject/style LoRA pair and return a :class:`KLoRAPlan`.
 
@@ -145,8 +146,14 @@ def build_plan(
             K = subject_rank * style_rank per weight, capped at its element count.
         block_elements: most dense-delta entries held at once while scoring.
         progress: optional ``callback(done, total)`` called after each weight.
+        batched: score weights of equal shape together with
+            :func:`klora_core.batched.batched_delta_stats` (same scores, see
+            there; faster on CPU; chunks hold at most
+            ``min(block_elements, its device default)`` entries).  Progress is
+            then reported as a share of the deltas scored, in weights.
 
-    Scoring runs on the device of the given tensors, one weight at a time.
+    Scoring runs on the device of the given tensors, one weight at a time
+    (or one group of equal-shaped weights at a time when ``batched``).
     """
     pattern = schedule.check_pattern(pattern)
     default_alpha, default_beta = schedule.DEFAULTS[pattern]
@@ -160,6 +167,10 @@ def build_plan(
             "no weight is covered by both LoRAs, so there is nothing to choose between; "
             "check that the subject and style LoRAs were trained for the same base model"
         )
+
+    if batched:
+        details = _batched_details(subject, style, shared, subject_rank, style_rank, block_elements, progress)
+        return plan_from_scores(details, subject_only, style_only, alpha, beta, pattern)
 
     details = {}
     for index, key in enumerate(shared):
@@ -189,6 +200,50 @@ def build_plan(
             progress(index + 1, len(shared))
 
     return plan_from_scores(details, subject_only, style_only, alpha, beta, pattern)
+
+
+def _batched_details(subject, style, shared, subject_rank, style_rank, block_elements, progress) -> dict:
+    """``{key: WeightScore}`` for ``shared`` via the batched scorer (same checks as the per-layer loop)."""
+    from .batched import batched_delta_stats, default_block_elements
+
+    items, meta = [], {}
+    for key in shared:
+        s_delta, t_delta = subject[key], style[key]
+        s_shape, t_shape = delta_shape2d(s_delta, key), delta_shape2d(t_delta, key)
+        if s_shape != t_shape:
+            raise KLoRAError(
+                f"weight {key!r}: subject delta is {s_shape[0]}x{s_shape[1]} but style delta is "
+                f"{t_shape[0]}x{t_shape[1]} (rows x columns); the two LoRAs were trained for different models"
+            )
+        s_rank = _resolve_rank(s_delta, subject_rank, key, "subject")
+        t_rank = _resolve_rank(t_delta, style_rank, key, "style")
+        k = min(s_rank * t_rank, s_shape[0] * s_shape[1])
+        meta[key] = (k, s_rank, t_rank)
+        items.append((s_delta, k, key))
+        items.append((t_delta, k, key))
+    device = _first_device(items)
+    budget = min(int(block_elements), default_block_elements(device)) if device is not None else block_elements
+    report = None
+    if progress is not None:
+        def report(done, total):
+            progress(done * len(shared) // total, len(shared))
+    stats = batched_delta_stats(items, block_elements=budget, progress=report)
+    details = {}
+    for i, key in enumerate(shared):
+        k, s_rank, t_rank = meta[key]
+        s_stats, t_stats = stats[2 * i], stats[2 * i + 1]
+        details[key] = WeightScore(
+            subject_topk=s_stats.topk_sum, style_topk=t_stats.topk_sum, subject_l1=s_stats.l1,
+            style_l1=t_stats.l1, k=k, subject_rank=s_rank, style_rank=t_rank,
+        )
+    return details
+
+
+def _first_device(items):
+    for delta, _, _ in items:
+        tensor = delta if hasattr(delta, "device") else delta[0]
+        return tensor.device
+    return None
 
 
 def plan_from_scores(details, subject_only=(), style_only=(), alpha=None, beta=None, pattern=schedule.PATTERN_S) -> KLoRAPlan:
