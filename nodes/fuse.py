@@ -17,7 +17,7 @@ from ..klora_core.keys import display_key, is_attention_projection, weight_name
 from ..klora_core.plan import plan_from_scores
 from .lora_files import LoRAHandle
 from .lora_keys import load_lora_patches
-from .patching import FuseRun, install, make_switches
+from .patching import MODE_BAKE, MODE_LIVE, MODES, FuseRun, install, make_switches
 from .progress import MEASURE_NOISE, MEASURES
 from .scores import score_units, scaled_details
 from .units import expand, unify_layouts
@@ -34,7 +34,7 @@ OUTSIDE_STYLE = "style"
 OUTSIDE_NONE = "none"
 OUTSIDE_CHOICES = (OUTSIDE_BOTH, OUTSIDE_SUBJECT, OUTSIDE_STYLE, OUTSIDE_NONE)
 
-_logged_dynamic = False
+_LOGGED: set = set()
 
 
 @dataclass
@@ -99,33 +99,47 @@ def _model_order(model_sd: dict, units) -> list:
     return sorted(units, key=sort_key)
 
 
-def _maybe_non_dynamic(model_patcher):
-    """Current ComfyUI's dynamic VRAM mode caches patched weights per layer and would not see a flip.
+def choose_patcher_and_mode(model_patcher):
+    """``(patcher, mode)`` for the fused clone; mode is MODE_BAKE or MODE_LIVE (see nodes/patching.py).
 
-    Feature-detected: use ComfyUI's public non-dynamic delegate (as its own hook
-    LoRAs do) so every flip is exact; log once.
+    Current ComfyUI's dynamic VRAM mode keeps patched weights cached per layer
+    and would not notice a re-bake.  Feature-detected: use ComfyUI's public
+    non-dynamic delegate (as its own hook LoRAs do) and bake; if there is none,
+    or it fails, stay dynamic and apply the chosen delta live through weight
+    wrappers, which ComfyUI runs at every forward in every mode (exact, slower).
+    Each fallback is logged once.
     """
-    global _logged_dynamic
     is_dynamic = getattr(model_patcher, "is_dynamic", None)
     if is_dynamic is None or not is_dynamic():
-        return model_patcher
+        return model_patcher, MODE_BAKE
     delegate = getattr(model_patcher, "get_non_dynamic_delegate", None)
-    if delegate is None:
-        raise KLoRAError("this ComfyUI runs the model in dynamic VRAM mode without a non-dynamic delegate; "
-                         "start ComfyUI with --disable-dynamic-vram to use K-LoRA")
-    if not _logged_dynamic:
-        logger.info("K-LoRA: dynamic VRAM caches patched weights, so K-LoRA models use ComfyUI's "
-                    "non-dynamic patcher (exact per-step switching)")
-        _logged_dynamic = True
-    return delegate()
+    try:
+        candidate = delegate() if delegate is not None else None
+    except Exception as exc:  # e.g. "cached_patcher_init is not initialized"
+        logger.debug("non-dynamic delegate failed: %s", exc)
+        candidate = None
+    if candidate is not None and not getattr(candidate, "is_dynamic", lambda: False)():
+        _log_once("delegate", "K-LoRA: dynamic VRAM caches patched weights, so K-LoRA models run on ComfyUI's "
+                              "non-dynamic patcher (exact per-step switching)")
+        return candidate, MODE_BAKE
+    _log_once("live", "K-LoRA: no non-dynamic patcher is available in dynamic VRAM mode; applying the chosen "
+                      "LoRA live at every forward (exact, slower)")
+    return model_patcher, MODE_LIVE
+
+
+def _log_once(tag: str, message: str) -> None:
+    if tag not in _LOGGED:
+        _LOGGED.add(tag)
+        logger.info(message)
 
 
 def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: float = 1.5, beta: float = -1.0,
                pattern: str = schedule.PATTERN_S, scope: str = SCOPE_ATTENTION, outside_scope: str = OUTSIDE_BOTH,
-               progress_measure: str = MEASURE_NOISE) -> FuseResult:
+               progress_measure: str = MEASURE_NOISE, mode: str = None) -> FuseResult:
     """Return a clone of ``model_patcher`` that applies K-LoRA during sampling, and a text report.
 
     ``beta < 0`` means the pattern's paper default (s: 0.5, s*: 1.275).
+    ``mode`` forces MODE_BAKE or MODE_LIVE (default: chosen by :func:`choose_patcher_and_mode`).
     """
     if not isinstance(subject, LoRAHandle) or subject.role != "subject":
         raise KLoRAError("the subject input must come from a 'Load Subject LoRA' node")
@@ -179,7 +193,10 @@ def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: flo
         except KLoRAError as exc:
             raise KLoRAError(f"{subject.label()} + {style.label()}: {exc}") from None
 
-    fused = _maybe_non_dynamic(model_patcher.clone())
+    fused, auto_mode = choose_patcher_and_mode(model_patcher.clone())
+    mode = mode or auto_mode
+    if mode not in MODES:
+        raise KLoRAError(f"unknown mode {mode!r}: expected one of {MODES}")
     if subject_only:
         fused.add_patches(expand(subject_patches, subject_only), s_strength)
     if style_only:
@@ -193,7 +210,7 @@ def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: flo
         winner, strength = (style_patches, t_strength) if s_strength == 0.0 else (subject_patches, s_strength)
         fused.add_patches(expand(winner, switched), strength)
     else:
-        run = FuseRun(plan, progress_measure)
+        run = FuseRun(plan, progress_measure, mode)
         install(fused, run, make_switches(plan.keys, subject_patches, style_patches, s_strength, t_strength, run))
     if merged:
         notes.append(f"{len(merged)} weights are covered by both files in different layouts (e.g. a fused qkv "

@@ -20,11 +20,20 @@ a delta per layer per step", option 1, "bake at flip time"):
 
 No per-forward work when no choice changes; re-baking costs one weight patch
 per flipped weight (at most two flips per weight per run for pattern ``s``).
+
+``MODE_LIVE`` (fallback for patchers that cache patched weights, such as
+current ComfyUI's dynamic VRAM mode without a non-dynamic delegate): no switch
+patches; a ComfyUI weight wrapper per weight adds the currently chosen delta to
+a copy of the weight at every forward.  Exact, but it pays the delta at every
+forward like the authors' code.
 """
 from __future__ import annotations
 
 import logging
 
+import torch
+
+import comfy.lora
 import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
@@ -38,6 +47,10 @@ from .switch import KLoRASwitch
 
 logger = logging.getLogger(__name__)
 
+MODE_BAKE = "bake"
+MODE_LIVE = "live"
+MODES = (MODE_BAKE, MODE_LIVE)
+
 #: Keys our wrappers are registered under (several K-LoRA Fuse nodes may stack on one model).
 OUTER_SAMPLE_KEY = "klora.fuse.outer_sample"
 APPLY_MODEL_KEY = "klora.fuse.apply_model"
@@ -50,9 +63,10 @@ class FuseRun:
     copies wrapper lists and patch lists, not the objects in them).
     """
 
-    def __init__(self, plan, measure: str = MEASURE_NOISE):
+    def __init__(self, plan, measure: str = MEASURE_NOISE, mode: str = MODE_BAKE):
         self.plan = plan
         self.measure = measure
+        self.mode = mode
         self.tracker = ChoiceTracker(plan, initial_progress=0.0)
         self._meter = None
         self._meter_sigmas = None
@@ -81,7 +95,8 @@ class FuseRun:
                 changed = self.tracker.update(progress)
                 if changed:
                     self.flip_events += 1
-                    self.rebake(patcher, changed)
+                    if self.mode == MODE_BAKE:
+                        self.rebake(patcher, changed)
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
     # ---- helpers --------------------------------------------------------
@@ -116,7 +131,7 @@ class FuseRun:
     def restore(self, patcher) -> None:
         """Return to the step-0 choice and re-bake what differs (never raises)."""
         changed = self.tracker.reset()
-        if not changed or patcher is None:
+        if not changed or patcher is None or self.mode != MODE_BAKE:
             return
         try:
             self.rebake(patcher, changed)
@@ -126,15 +141,46 @@ class FuseRun:
             comfy.model_management.unload_all_models()
 
 
-def install(model_patcher, run: FuseRun, switches: dict, strength: float = 1.0) -> None:
-    """Add ``switches`` ({unit_key: KLoRASwitch}) as patches and register ``run``'s wrappers.
+class LiveSwitches:
+    """A ComfyUI weight wrapper (``weight_function``) applying one weight's switches at every forward.
 
-    ``model_patcher`` must be a clone the caller owns.
+    ``weight`` may be the module's own parameter (ComfyUI casts without
+    copying when nothing changes), so the delta goes onto a copy.
     """
-    added = model_patcher.add_patches(switches, strength)
-    missing = [k for k in switches if k not in added]
+
+    def __init__(self, name: str, entries: list):
+        self.name = name
+        self.entries = entries  # [(unit_key, KLoRASwitch)]
+
+    def __call__(self, weight):
+        work = weight.to(torch.float32, copy=True)
+        patches = []
+        for unit, switch in self.entries:
+            offset = None if isinstance(unit, str) else unit[1]
+            function = unit[2] if not isinstance(unit, str) and len(unit) > 2 else None
+            patches.append((1.0, switch, 1.0, offset, function))
+        out = comfy.lora.calculate_weight(patches, work, self.name)
+        return out.to(weight.dtype)
+
+
+def install(model_patcher, run: FuseRun, switches: dict, strength: float = 1.0) -> None:
+    """Add ``switches`` ({unit_key: KLoRASwitch}) to ``model_patcher`` and register ``run``'s wrappers.
+
+    Bake mode: as patches.  Live mode: as weight wrappers.  ``model_patcher``
+    must be a clone the caller owns.
+    """
+    model_sd = model_patcher.model_state_dict()
+    missing = [k for k in switches if weight_name(k) not in model_sd]
     if missing:
         raise RuntimeError(f"K-LoRA: the model has no weight for {missing[:3]} (and {max(len(missing) - 3, 0)} more)")
+    if run.mode == MODE_LIVE:
+        by_weight: dict = {}
+        for unit, switch in switches.items():
+            by_weight.setdefault(weight_name(unit), []).append((unit, switch))
+        for name, entries in by_weight.items():
+            model_patcher.add_weight_wrapper(name, LiveSwitches(name, entries))
+    else:
+        model_patcher.add_patches(switches, strength)
     model_patcher.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, OUTER_SAMPLE_KEY, run.outer_sample)
     model_patcher.add_wrapper_with_key(WrappersMP.APPLY_MODEL, APPLY_MODEL_KEY, run.apply_model)
 

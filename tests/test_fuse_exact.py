@@ -169,3 +169,24 @@ def test_cfg_split_into_separate_batches(klora_pack, tmp_path):
                                            negative, latent, disable_pbar=True, seed=5))
     torch.testing.assert_close(outputs[0], outputs[1], atol=ATOL, rtol=RTOL)
     assert len(ref.progress_log) >= 2 * steps  # really split: more than one model call per step
+
+
+def test_live_mode_equals_brute_force(klora_pack, tmp_path):
+    """The fallback for patchers that cache patched weights: the delta is applied live through weight wrappers."""
+    from klora_pack.nodes.fuse import fuse_model
+
+    family, steps = "sd15", 8
+    model = tiny_models.build_model(family, seed=0)
+    before = _sample(model, family, 4)
+    hs, ht, truth_s, truth_t = _handles(klora_pack, tmp_path, model)
+    result = fuse_model(model, hs, ht, pattern="s*", mode="live")
+    assert result.run.mode == "live"
+    assert result.model.weight_wrapper_patches  # switches live in weight wrappers ...
+    assert not any(getattr(p[1], "name", "") == "klora_switch"  # ... not in the baked patch list
+                   for patches in result.model.patches.values() for p in patches)
+    ours = _sample(result.model, family, steps, sampler="heun")
+    ref = brute_force.BruteForce(family, 0, truth_s, truth_t, alpha=1.5, beta=1.275, pattern="s*",
+                                 full_sigmas=_full_sigmas(model, "sgm_uniform", steps))
+    torch.testing.assert_close(ours, _sample(ref.patcher, family, steps, sampler="heun"), atol=ATOL, rtol=RTOL)
+    assert result.run.flip_events > 0 and result.run.rebaked == 0
+    assert torch.equal(_sample(model, family, 4), before)
