@@ -118,6 +118,28 @@ def _resolve_rank(delta: Delta, spec: RankSpec, key: str, side: str) -> int:
     return given
 
 
+def _schedule_args(alpha, beta, pattern):
+    """Validated ``(alpha, beta, pattern)``; None takes the pattern's paper default."""
+    pattern = schedule.check_pattern(pattern)
+    default_alpha, default_beta = schedule.DEFAULTS[pattern]
+    alpha, beta = schedule.check_alpha_beta(default_alpha if alpha is None else alpha,
+                                            default_beta if beta is None else beta)
+    return alpha, beta, pattern
+
+
+def _pair_k(key, s_delta, t_delta, subject_rank, style_rank):
+    """``(K, subject rank, style rank)`` of one shared weight, after checking both deltas have its shape."""
+    s_shape, t_shape = delta_shape2d(s_delta, key), delta_shape2d(t_delta, key)
+    if s_shape != t_shape:
+        raise KLoRAError(
+            f"weight {key!r}: subject delta is {s_shape[0]}x{s_shape[1]} but style delta is "
+            f"{t_shape[0]}x{t_shape[1]} (rows x columns); the two LoRAs were trained for different models"
+        )
+    s_rank = _resolve_rank(s_delta, subject_rank, key, "subject")
+    t_rank = _resolve_rank(t_delta, style_rank, key, "style")
+    return min(s_rank * t_rank, s_shape[0] * s_shape[1]), s_rank, t_rank
+
+
 def build_plan(
     subject: Mapping[str, Delta],
     style: Mapping[str, Delta],
@@ -155,9 +177,7 @@ def build_plan(
     Scoring runs on the device of the given tensors, one weight at a time
     (or one group of equal-shaped weights at a time when ``batched``).
     """
-    pattern = schedule.check_pattern(pattern)
-    default_alpha, default_beta = schedule.DEFAULTS[pattern]
-    alpha, beta = schedule.check_alpha_beta(default_alpha if alpha is None else alpha, default_beta if beta is None else beta)
+    alpha, beta, pattern = _schedule_args(alpha, beta, pattern)
 
     shared = [k for k in subject if k in style]
     subject_only = tuple(k for k in subject if k not in style)
@@ -175,16 +195,7 @@ def build_plan(
     details = {}
     for index, key in enumerate(shared):
         s_delta, t_delta = subject[key], style[key]
-        s_shape, t_shape = delta_shape2d(s_delta, key), delta_shape2d(t_delta, key)
-        if s_shape != t_shape:
-            raise KLoRAError(
-                f"weight {key!r}: subject delta is {s_shape[0]}x{s_shape[1]} but style delta is "
-                f"{t_shape[0]}x{t_shape[1]} (rows x columns); the two LoRAs were trained for different models"
-            )
-        s_numel = s_shape[0] * s_shape[1]
-        s_rank = _resolve_rank(s_delta, subject_rank, key, "subject")
-        t_rank = _resolve_rank(t_delta, style_rank, key, "style")
-        k = min(s_rank * t_rank, s_numel)
+        k, s_rank, t_rank = _pair_k(key, s_delta, t_delta, subject_rank, style_rank)
         s_stats = delta_stats(s_delta, k, key, block_elements)
         t_stats = delta_stats(t_delta, k, key, block_elements)
         details[key] = WeightScore(
@@ -209,15 +220,7 @@ def _batched_details(subject, style, shared, subject_rank, style_rank, block_ele
     items, meta = [], {}
     for key in shared:
         s_delta, t_delta = subject[key], style[key]
-        s_shape, t_shape = delta_shape2d(s_delta, key), delta_shape2d(t_delta, key)
-        if s_shape != t_shape:
-            raise KLoRAError(
-                f"weight {key!r}: subject delta is {s_shape[0]}x{s_shape[1]} but style delta is "
-                f"{t_shape[0]}x{t_shape[1]} (rows x columns); the two LoRAs were trained for different models"
-            )
-        s_rank = _resolve_rank(s_delta, subject_rank, key, "subject")
-        t_rank = _resolve_rank(t_delta, style_rank, key, "style")
-        k = min(s_rank * t_rank, s_shape[0] * s_shape[1])
+        k, s_rank, t_rank = _pair_k(key, s_delta, t_delta, subject_rank, style_rank)
         meta[key] = (k, s_rank, t_rank)
         items.append((s_delta, k, key))
         items.append((t_delta, k, key))
@@ -248,9 +251,7 @@ def _first_device(items):
 
 def plan_from_scores(details, subject_only=(), style_only=(), alpha=None, beta=None, pattern=schedule.PATTERN_S) -> KLoRAPlan:
     """Build a plan from already computed :class:`WeightScore` values (e.g. from a cache)."""
-    pattern = schedule.check_pattern(pattern)
-    default_alpha, default_beta = schedule.DEFAULTS[pattern]
-    alpha, beta = schedule.check_alpha_beta(default_alpha if alpha is None else alpha, default_beta if beta is None else beta)
+    alpha, beta, pattern = _schedule_args(alpha, beta, pattern)
     ratios = ratios_from_l1({k: (d.subject_l1, d.style_l1) for k, d in details.items()})
     gamma = compute_gamma(ratios.values())
     assert math.isfinite(gamma)
