@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Optional, Union
 
+import torch
+
 from . import schedule
 from .errors import KLoRAError
 from .gamma import compute_gamma, ratios_from_l1
@@ -118,6 +120,23 @@ def _resolve_rank(delta: Delta, spec: RankSpec, key: str, side: str) -> int:
     return given
 
 
+def _split_ranked(deltas: Mapping, rank_spec: RankSpec, side: str):
+    """Accept ``{key: (dense_tensor, rank)}`` values too: return plain deltas and a rank spec."""
+    ranked = {k: v for k, v in deltas.items()
+              if isinstance(v, (tuple, list)) and len(v) == 2 and isinstance(v[0], torch.Tensor)
+              and isinstance(v[1], int) and not isinstance(v[1], bool)}
+    if not ranked:
+        return deltas, rank_spec
+    plain = {k: (v[0] if k in ranked else v) for k, v in deltas.items()}
+    ranks = {}
+    for key in deltas:
+        given = _rank_for(rank_spec, key, side)
+        if given is not None:
+            ranks[key] = given
+    ranks.update({k: v[1] for k, v in ranked.items()})
+    return plain, ranks
+
+
 def _schedule_args(alpha, beta, pattern):
     """Validated ``(alpha, beta, pattern)``; None takes the pattern's paper default."""
     pattern = schedule.check_pattern(pattern)
@@ -163,8 +182,10 @@ def build_plan(
             (``s``: 1.5, 0.5; ``s*``: 1.5, 1.275).
         pattern: ``"s"`` or ``"s*"``.
         subject_rank, style_rank: the rank of dense deltas, which carry none
-            (an int for all keys or a ``{key: int}`` mapping).  For ``(up, down)``
-            deltas the rank is the inner dimension unless given here.
+            (an int for all keys or a ``{key: int}`` mapping).  A dense delta
+            may also carry its own rank as ``{key: (dense_tensor, rank)}``.
+            For ``(up, down)`` deltas the rank is the inner dimension unless
+            given here.
             K = subject_rank * style_rank per weight, capped at its element count.
         block_elements: most dense-delta entries held at once while scoring.
         progress: optional ``callback(done, total)`` called after each weight.
@@ -178,6 +199,8 @@ def build_plan(
     (or one group of equal-shaped weights at a time when ``batched``).
     """
     alpha, beta, pattern = _schedule_args(alpha, beta, pattern)
+    subject, subject_rank = _split_ranked(subject, subject_rank, "subject")
+    style, style_rank = _split_ranked(style, style_rank, "style")
 
     shared = [k for k in subject if k in style]
     subject_only = tuple(k for k in subject if k not in style)

@@ -918,3 +918,19 @@ def test_compute_gamma_errors_and_values():
     for ratios in ([], [0.0], [math.inf], [math.inf, 0.0]):
         with pytest.raises(ReferenceUndefined):
             ref_gamma(ratios)
+
+
+def test_dense_delta_with_its_own_rank_in_a_tuple():
+    """``{key: (dense, rank)}`` is the same as a dense delta plus ``<side>_rank={key: rank}``."""
+    g = gen(4242)
+    subject = {f"w{i}": torch.randn(12, 10, generator=g) for i in range(4)}
+    style = {f"w{i}": torch.randn(12, 10, generator=g) for i in range(4)}
+    ranks_s = {f"w{i}": 1 + i for i in range(4)}
+    ranks_t = {f"w{i}": 3 for i in range(4)}
+    tupled = build_plan({k: (v, ranks_s[k]) for k, v in subject.items()},
+                        {k: (v, ranks_t[k]) for k, v in style.items()})
+    ref = reference_plan(subject, style, subject_rank=ranks_s, style_rank=ranks_t)
+    for key in subject:
+        assert tupled.details[key].k == min(ranks_s[key] * 3, 120)
+        assert tupled.scores[key][0] == pytest.approx(ref.ts[key], rel=1e-6)
+    assert tupled.gamma == pytest.approx(ref.gamma, rel=1e-6)
