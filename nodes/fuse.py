@@ -52,7 +52,15 @@ def model_family(model_patcher) -> str:
 
 
 def _parse(handle: LoRAHandle, model_patcher):
-    parsed = load_lora_patches(handle.state_dict, model_patcher)
+    try:
+        parsed = load_lora_patches(handle.state_dict, model_patcher)
+    except KLoRAError:
+        raise
+    except Exception as exc:  # ComfyUI's parser assumes well-formed files (e.g. KeyError for an up without its down)
+        raise KLoRAError(
+            f"{handle.label()} ({handle.path}) could not be parsed as a LoRA ({type(exc).__name__}: "
+            f"{str(exc)[:200]}); the file is damaged or incomplete"
+        ) from exc
     patches = parsed.patches
     if not patches:
         raise KLoRAError(

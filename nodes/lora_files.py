@@ -24,7 +24,9 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 SUBJECT = "subject"
 STYLE = "style"
 
-# Content hashes by (path, size, mtime_ns, inode): avoids rehashing an unchanged file.
+# Content hashes by (path, size, mtime_ns, ctime_ns, inode): avoids rehashing an unchanged file.  ctime is
+# part of the key because mtime can be set back (os.utime, cp -p, rsync -t) after a same-size rewrite in
+# place; ctime cannot be set by user code and changes on every write.
 _HASH_MEMO: dict = {}
 _HASH_MEMO_LIMIT = 256
 
@@ -55,17 +57,17 @@ class LoRAHandle:
 
 
 def file_signature(path: str) -> str:
-    """Changes whenever the file is replaced or rewritten (for IS_CHANGED)."""
+    """Changes whenever the file is replaced or rewritten (for IS_CHANGED), even with its mtime set back."""
     try:
         st = os.stat(path)
     except OSError:
         return "missing"
-    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
 
 
 def content_sha256(path: str) -> str:
     st = os.stat(path)
-    memo_key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    memo_key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
     digest = _HASH_MEMO.get(memo_key)
     if digest is None:
         h = hashlib.sha256()
@@ -114,13 +116,49 @@ def read_lora_file(path: str, label: str = "LoRA") -> dict:
     if not isinstance(state_dict, dict) or not state_dict:
         raise KLoRAError(f"{label}: '{path}' holds no tensors")
     for name, tensor in state_dict.items():
+        if not isinstance(name, str):  # a pickle can use any key; every later step expects names
+            raise KLoRAError(f"{label}: '{path}' has an entry named by a {type(name).__name__}, not a text name; "
+                             "it is not a LoRA file")
+        shown = repr(name) if len(name) <= 200 else repr(name[:200]) + "..."
         if not isinstance(tensor, torch.Tensor):
-            raise KLoRAError(f"{label}: '{path}' entry {name!r} is a {type(tensor).__name__}, not a tensor")
-        if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+            raise KLoRAError(f"{label}: '{path}' entry {shown} is a {type(tensor).__name__}, not a tensor")
+        _check_tensor_kind(tensor, path, label, shown)
+        if tensor.numel() == 0:  # a rank-0 factor would divide alpha by zero further on
+            raise KLoRAError(f"{label}: '{path}' tensor {shown} is empty (shape {tuple(tensor.shape)}); "
+                             "the file is damaged or not a LoRA")
+        if name.endswith(".alpha") and tensor.numel() != 1:
+            raise KLoRAError(f"{label}: '{path}' tensor {shown} should hold one number (the LoRA alpha) but has "
+                             f"shape {tuple(tensor.shape)}; the file is damaged")
+        if tensor.is_floating_point() and tensor.numel() and not _all_finite(tensor, path, label, shown):
             raise KLoRAError(
-                f"{label}: '{path}' tensor {name!r} contains NaN or infinite values; the file is damaged"
+                f"{label}: '{path}' tensor {shown} contains NaN or infinite values; the file is damaged"
             )
     return state_dict
+
+
+def _check_tensor_kind(tensor: torch.Tensor, path: str, label: str, shown: str) -> None:
+    """LoRA tensors are dense real floating-point tensors (integer scalars allowed, e.g. an alpha)."""
+    if tensor.layout != torch.strided or tensor.is_quantized:
+        kind = "quantized" if tensor.is_quantized else str(tensor.layout).replace("torch.", "")
+        raise KLoRAError(f"{label}: '{path}' tensor {shown} is a {kind} tensor; LoRA weights are "
+                         "plain dense tensors: the file is damaged or not a LoRA")
+    scalar_int = tensor.numel() <= 1 and not tensor.is_complex() and tensor.dtype != torch.bool
+    if not tensor.is_floating_point() and not scalar_int:
+        raise KLoRAError(f"{label}: '{path}' tensor {shown} has dtype {str(tensor.dtype).replace('torch.', '')}; "
+                         "LoRA weights are floating-point numbers: the file is damaged or not a LoRA")
+
+
+def _all_finite(tensor: torch.Tensor, path: str, label: str, shown: str) -> bool:
+    try:
+        return bool(torch.isfinite(tensor).all())
+    except (RuntimeError, NotImplementedError, TypeError):  # e.g. float8_e4m3fn has no isfinite kernel
+        pass
+    try:
+        return bool(torch.isfinite(tensor.to(torch.float32)).all())
+    except (RuntimeError, NotImplementedError, TypeError):
+        raise KLoRAError(f"{label}: '{path}' tensor {shown} has dtype {str(tensor.dtype).replace('torch.', '')}, "
+                         "which cannot be read as numbers here; save the LoRA as float16, bfloat16 or float32"
+                         ) from None
 
 
 def make_handle(role: str, name: str, path: str, strength: float) -> LoRAHandle:
