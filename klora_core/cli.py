@@ -1,10 +1,14 @@
-"""Command line: ``python -m klora_core map [SUBJECT STYLE] [options]``.
+"""Command line: ``python -m klora_core map|inspect [SUBJECT STYLE] [options]`` (and ``run``).
 
 Reads two LoRA ``.safetensors`` files (or generates the seeded demo pair),
 scores them once with :func:`klora_core.build_plan` and shows which delta
 K-LoRA applies to each attention weight at each sampling step: a PNG map
 (:func:`klora_core.render.render_selection_map`) and, with ``--table``, a
-text table on stdout.  No ComfyUI is needed.
+text table on stdout.  ``inspect`` takes the same options and reports
+everything the scoring computed: each file's LoRA format and base-model
+family, gamma and its trimming, per-weight ``T_S``, ``T_T``, ranks and ``K``,
+the per-step table, the map, and the keys only one LoRA covers (optionally
+as JSON).  No ComfyUI is needed.
 
 Exit status: 0 on success, 1 when an input cannot be used (one line on
 stderr, ``klora: error: ...``), 2 for invalid command-line usage.
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 
@@ -43,6 +48,39 @@ demo_style.safetensors; small SD1.5-like attention layout) is written next to
 --out and used.  Only .safetensors files are read (kohya, diffusers and PEFT
 key names; the same layer named by different conventions is paired).
 Pickle-based .pt/.ckpt/.bin files are refused: convert them first.
+Exit status: 0 ok, 1 unusable input (one line on stderr), 2 bad usage."""
+
+_INSPECT_EPILOG = """\
+examples:
+  %(prog)s dog.safetensors watercolor.safetensors
+  %(prog)s dog.safetensors ink.safetensors --pattern 's*' --steps 30 --out ink.png --json ink.json
+  %(prog)s                                  # the seeded demo pair
+
+stdout, in this order:
+  subject/style LoRA     path, LoRA format (kohya, diffusers, peft or unknown),
+                         base-model family (sd15, sdxl, flux or unknown; from key
+                         names and, where present, the cross-attention context
+                         width), number of LoRA modules
+  base-model family      the family both files agree on
+  weights                how many both LoRAs cover; how many of those --scope keeps
+  gamma                  the balance factor: mean of the ratios sum|dS| / sum|dT|
+                         of the scheduled weights, then the mean again without ratios
+                         >= 3 x the first mean (both means and the count dropped
+                         are printed)
+  schedule               pattern, scale(p), alpha, beta, steps (p = i / steps)
+  per-weight table       one row per scheduled weight, in model order: r_S, r_T
+                         (ranks), K = r_S * r_T capped at the weight's size, T_S
+                         and T_T (sums of the K largest |delta| entries, after
+                         alpha/rank and strength), T_S/(g*T_T) (the weight takes
+                         the subject while scale(p) is below this) and the choice
+                         per step (S = subject, T = style)
+  first/last step        subject/style counts
+  only in one LoRA       every key only the subject (or only the style) LoRA
+                         covers: applied as a plain LoRA, never switched
+  outside the scope      keys both cover that --scope does not schedule
+  wrote                  the PNG map (--out) and the JSON report (--json)
+Key names are the normalised module names shared by kohya, diffusers and PEFT
+files (see `map --help`).
 Exit status: 0 ok, 1 unusable input (one line on stderr), 2 bad usage."""
 
 
@@ -81,10 +119,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     m = sub.add_parser(
-        "map", aliases=["inspect"], formatter_class=argparse.RawDescriptionHelpFormatter,
+        "map", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="show which LoRA delta each weight uses at each step (PNG map, optional table)",
         description="Score a subject/style LoRA pair and draw the K-LoRA selection map.", epilog=_MAP_EPILOG,
     )
+    _add_pair_arguments(m)
+    m.set_defaults(func=run_map)
+    i = sub.add_parser(
+        "inspect", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="report everything K-LoRA computes for a LoRA pair: formats, family, gamma, per-weight "
+             "T_S/T_T/K, the selection table and map, keys only one LoRA covers",
+        description="Score a subject/style LoRA pair, print the full K-LoRA report (the per-weight table is\n"
+                    "always printed; --table is accepted for symmetry with map), write the selection map\n"
+                    "(--out) and, with --json, the same report as JSON.", epilog=_INSPECT_EPILOG,
+    )
+    _add_pair_arguments(i)
+    i.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON to FILE")
+    i.set_defaults(func=run_inspect)
+    return parser
+
+
+def _add_pair_arguments(m: argparse.ArgumentParser) -> None:
+    """The options ``map`` and ``inspect`` share."""
     m.add_argument("subject", nargs="?", metavar="SUBJECT", help="subject LoRA (.safetensors); omit both files for the demo pair")
     m.add_argument("style", nargs="?", metavar="STYLE", help="style LoRA (.safetensors)")
     m.add_argument("--steps", type=_steps, default=20, help="sampling steps (columns), 1-%d; step i has progress i/steps (default 20)" % MAX_STEPS)
@@ -104,8 +160,6 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--title", default=None, help="first title line of the map")
     m.add_argument("--seed", type=int, default=None, help="seed of the generated demo pair (default 2025; demo only)")
     m.add_argument("-v", "--verbose", action="store_true", help="log what is read and paired to stderr")
-    m.set_defaults(func=run_map)
-    return parser
 
 
 def _version() -> str:
@@ -114,7 +168,9 @@ def _version() -> str:
     return __version__
 
 
-def _load_pair(args):
+def _load_pair(args, info=None):
+    """``(subject, style)`` module dicts, kept to ``--scope``; ``info`` (a dict) also gets the paths,
+    the name-based families and every module name of both files, before the scope filter."""
     from .lora_file import detect_family, is_attention_module, load_lora_file
 
     if (args.subject is None) != (args.style is None):
@@ -137,6 +193,9 @@ def _load_pair(args):
     if "unknown" not in (fam_s, fam_t) and fam_s != fam_t:
         raise KLoRAError(f"the subject LoRA looks like {fam_s} but the style LoRA like {fam_t}; both must fit the same base model")
     shared = [k for k in subject if k in style]
+    if info is not None:
+        info.update(paths=(subject_path, style_path), families=(fam_s, fam_t),
+                    subject_keys=tuple(subject), style_keys=tuple(style))
     log.info("paired %d modules; %d only in subject, %d only in style",
              len(shared), len(subject) - len(shared), len(style) - len(shared))
     if args.scope == "attention":
@@ -183,6 +242,131 @@ def run_map(args) -> int:
     return 0
 
 
+class _Shape:
+    """Stands in for a tensor in :func:`~klora_core.lora_file.detect_family` (which reads ``.shape``)."""
+
+    __slots__ = ("shape",)
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+
+def _file_facts(path) -> dict:
+    """LoRA format, base-model family and tensor count of a ``.safetensors`` file, from its header only."""
+    from .lora_file import detect_family, detect_format
+
+    try:
+        from safetensors import safe_open
+
+        with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+            shapes = {key: _Shape(f.get_slice(key).get_shape()) for key in f.keys()}
+    except Exception as exc:  # the file was read successfully just before; report, do not guess
+        raise KLoRAError(f"{path}: cannot read the safetensors header ({exc})") from None
+    return {"format": detect_format(shapes), "family": detect_family(shapes), "tensors": len(shapes)}
+
+
+def _fmt_keys(keys) -> list:
+    return [f"  {k}" for k in keys] or ["  (none)"]
+
+
+def run_inspect(args) -> int:
+    """``inspect``: everything :func:`run_map` shows, plus formats, family, gamma details, K and key lists."""
+    import json
+
+    from .gamma import OUTLIER_FACTOR
+    from .plan import build_plan
+    from .render import _schedule_text, render_selection_map
+
+    if not args.out.lower().endswith(".png"):
+        raise KLoRAError(f"{args.out}: the selection map is written as PNG; use a .png file name")
+    for target in (args.out, args.json):
+        if target is None:
+            continue
+        folder = os.path.dirname(os.path.abspath(target))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise KLoRAError(f"{folder}: cannot create the output folder ({exc.strerror or exc})") from None
+    info = {}
+    subject, style = _load_pair(args, info)
+    facts = [_file_facts(path) for path in info["paths"]]
+    families = {f["family"] for f in facts} - {"unknown"}
+    if len(families) > 1:
+        raise KLoRAError(f"the subject LoRA looks like {facts[0]['family']} but the style LoRA like "
+                         f"{facts[1]['family']}; both must fit the same base model")
+    family = families.pop() if families else "unknown"
+    plan = build_plan(subject, style, args.alpha, args.beta, args.pattern)
+    steps = args.steps
+    selection = plan.selection(steps)
+    render_selection_map(plan, steps, path=args.out, title=args.title)
+
+    s_keys, t_keys = info["subject_keys"], info["style_keys"]
+    t_set, s_set = set(t_keys), set(s_keys)
+    only_subject = [k for k in s_keys if k not in t_set]
+    only_style = [k for k in t_keys if k not in s_set]
+    shared = [k for k in s_keys if k in t_set]
+    outside = [k for k in shared if k not in plan.details]
+    ratios = list(plan.ratios.values())
+    first_mean = sum(ratios) / len(ratios)
+    dropped = sum(1 for r in ratios if r >= OUTLIER_FACTOR * first_mean)
+
+    out = []
+    for role, path, fact, keys in (("subject", info["paths"][0], facts[0], s_keys),
+                                   ("style", info["paths"][1], facts[1], t_keys)):
+        out.append(f"{role} LoRA: {path}")
+        out.append(f"  format {fact['format']}, family {fact['family']}, {len(keys)} LoRA modules, "
+                   f"{fact['tensors']} tensors")
+    out.append(f"base-model family: {family}")
+    out.append(f"weights: {len(shared)} covered by both LoRAs, {len(plan.details)} scheduled (--scope {args.scope})")
+    out.append(f"gamma = {plan.gamma:.10g} (mean of {len(ratios)} ratios sum|dS|/sum|dT| = {first_mean:.10g}; "
+               f"{dropped} ratios >= {OUTLIER_FACTOR:g} x that mean dropped; mean of the other {len(ratios) - dropped})")
+    out.append(f"schedule: pattern {plan.pattern}, {_schedule_text(plan)}, alpha = {plan.alpha:g}, "
+               f"beta = {plan.beta:g}, {steps} steps, p = i/{steps}")
+    out.append("rule: subject delta at step i iff T_S / gamma > T_T * scale(p)")
+    width = max([len("weight")] + [len(k) for k in plan.details])
+    out.append(f"{'weight':<{width}}  {'r_S':>4}  {'r_T':>4}  {'K':>7}  {'T_S':>15}  {'T_T':>15}  "
+               f"{'T_S/(g*T_T)':>15}  steps (S=subject, T=style)")
+    rows = []
+    for key, d in plan.details.items():
+        ratio = d.subject_topk / (plan.gamma * d.style_topk) if d.style_topk > 0 else float("inf")
+        marks = "".join("S" if c else "T" for c in selection[key])
+        out.append(f"{key:<{width}}  {d.subject_rank:>4}  {d.style_rank:>4}  {d.k:>7}  {d.subject_topk:>15.9g}  "
+                   f"{d.style_topk:>15.9g}  {ratio:>15.9g}  {marks}")
+        rows.append({"key": key, "subject_rank": d.subject_rank, "style_rank": d.style_rank, "k": d.k,
+                     "t_s": d.subject_topk, "t_t": d.style_topk, "subject_l1": d.subject_l1,
+                     "style_l1": d.style_l1, "ratio": ratio if math.isfinite(ratio) else None, "steps": marks})
+    counts = []
+    for label, step in (("first", 0), ("last", steps - 1)):
+        n_s = sum(1 for v in selection.values() if v[step])
+        counts.append((n_s, len(selection) - n_s))
+        out.append(f"{label} step (i={step}): {n_s} subject, {len(selection) - n_s} style")
+    out.append(f"only in the subject LoRA ({len(only_subject)}; applied as a plain LoRA, never switched):")
+    out += _fmt_keys(only_subject)
+    out.append(f"only in the style LoRA ({len(only_style)}; applied as a plain LoRA, never switched):")
+    out += _fmt_keys(only_style)
+    out.append(f"in both LoRAs but outside --scope {args.scope} ({len(outside)}; not scheduled here):")
+    out += _fmt_keys(outside)
+    out.append(f"wrote {args.out}")
+    if args.json is not None:
+        report = {
+            "subject": {"path": os.fspath(info["paths"][0]), **facts[0], "modules": len(s_keys)},
+            "style": {"path": os.fspath(info["paths"][1]), **facts[1], "modules": len(t_keys)},
+            "family": family, "scope": args.scope, "gamma": plan.gamma, "ratio_mean": first_mean,
+            "ratios_dropped": dropped, "pattern": plan.pattern, "alpha": plan.alpha, "beta": plan.beta,
+            "steps": steps, "weights": rows, "first_step": dict(zip(("subject", "style"), counts[0])),
+            "last_step": dict(zip(("subject", "style"), counts[1])), "only_subject": only_subject,
+            "only_style": only_style, "outside_scope": outside, "map": os.fspath(args.out),
+        }
+        try:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(report, f, indent=1)
+        except OSError as exc:
+            raise KLoRAError(f"{args.json}: cannot write the JSON report ({exc.strerror or exc})") from None
+        out.append(f"wrote {args.json}")
+    sys.stdout.write("\n".join(out) + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -196,3 +380,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("klora: interrupted\n")
         return 130
+    except Exception as exc:  # anything unforeseen: still one line and a non-zero status
+        if getattr(args, "verbose", False):
+            raise
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        sys.stderr.write(f"klora: error: unexpected {type(exc).__name__}{': ' + detail if detail else ''} "
+                         "(run again with -v for the traceback)\n")
+        return 1
