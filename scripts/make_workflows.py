@@ -182,7 +182,7 @@ class Graph:
             "links": links,
             "groups": [],
             "config": {},
-            "extra": {"ds": {"scale": 0.75, "offset": [460, 20]}, "frontendVersion": FRONTEND_VERSION},
+            "extra": {"ds": {"scale": 0.75, "offset": [520, 90]}, "frontendVersion": FRONTEND_VERSION},
             "version": 0.4,
         }
 
@@ -222,7 +222,7 @@ class Graph:
         return prompt
 
 
-FUSE_SIZE = [360, 420]
+FUSE_SIZE = [400, 700]  # room for the live preview and, after a run, the map image
 LOADER_SIZE = [320, 130]
 
 NOTE_COMMON = (
@@ -263,14 +263,14 @@ def sdxl() -> Graph:
                 {"clip": (style, 1)}, title="Positive prompt", color=("#232", "#353"))
     neg = g.add("CLIPTextEncode", [0, 730], [380, 100], {"text": ""}, {"clip": (style, 1)},
                 title="Negative prompt", color=("#322", "#533"))
-    latent = g.add("EmptyLatentImage", [400, 560], [300, 110], {"width": 1024, "height": 1024, "batch_size": 1})
-    sampler = g.add("KSampler", [780, 40], [300, 270],
+    latent = g.add("EmptyLatentImage", [380, 800], [300, 110], {"width": 1024, "height": 1024, "batch_size": 1})
+    sampler = g.add("KSampler", [820, 40], [300, 270],
                     {"seed": 0, "steps": 50, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
                      "denoise": 1.0},
                     {"model": (fuse, 0), "positive": (pos, 0), "negative": (neg, 0), "latent_image": (latent, 0)})
-    decode = g.add("VAEDecode", [780, 360], [220, 50], links={"samples": (sampler, 0), "vae": (ckpt, 2)})
-    g.add("SaveImage", [1120, 40], [400, 440], {"filename_prefix": "klora/sdxl"}, {"images": (decode, 0)})
-    g.add("PreviewImage", [780, 460], [320, 360], links={"images": (fuse, 2)}, title="Selection map")
+    decode = g.add("VAEDecode", [820, 360], [220, 50], links={"samples": (sampler, 0), "vae": (ckpt, 2)})
+    g.add("SaveImage", [1180, 40], [400, 440], {"filename_prefix": "klora/sdxl"}, {"images": (decode, 0)})
+    g.add("PreviewImage", [820, 460], [320, 360], links={"images": (fuse, 2)}, title="Selection map")
     return g
 
 
@@ -305,19 +305,19 @@ def flux() -> Graph:
                  {"pattern": "s*", "alpha": 1.5, "beta": 1.275, "scope": "attention projections",
                   "outside_scope": "both", "progress_measure": "noise level", "map_steps": 28},
                  {"model": (unet, 0), "subject": (subject, 0), "style": (style, 0)})
-    pos = g.add("CLIPTextEncode", [380, 520], [380, 120], {"text": "a sks dog in watercolor painting style"},
+    pos = g.add("CLIPTextEncode", [0, 800], [380, 120], {"text": "a sks dog in watercolor painting style"},
                 {"clip": (style, 1)}, title="Prompt", color=("#232", "#353"))
-    guidance = g.add("FluxGuidance", [380, 690], [300, 60], {"guidance": 3.5}, {"conditioning": (pos, 0)})
-    negative = g.add("ConditioningZeroOut", [380, 790], [240, 30], links={"conditioning": (pos, 0)})
-    latent = g.add("EmptySD3LatentImage", [780, 520], [300, 110], {"width": 1024, "height": 1024, "batch_size": 1})
-    sampler = g.add("KSampler", [780, 40], [300, 270],
+    guidance = g.add("FluxGuidance", [0, 970], [300, 60], {"guidance": 3.5}, {"conditioning": (pos, 0)})
+    negative = g.add("ConditioningZeroOut", [0, 1080], [240, 30], links={"conditioning": (pos, 0)})
+    latent = g.add("EmptySD3LatentImage", [380, 800], [300, 110], {"width": 1024, "height": 1024, "batch_size": 1})
+    sampler = g.add("KSampler", [820, 40], [300, 270],
                     {"seed": 0, "steps": 28, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
                      "denoise": 1.0},
                     {"model": (fuse, 0), "positive": (guidance, 0), "negative": (negative, 0),
                      "latent_image": (latent, 0)})
-    decode = g.add("VAEDecode", [780, 360], [220, 50], links={"samples": (sampler, 0), "vae": (vae, 0)})
-    g.add("SaveImage", [1120, 40], [400, 440], {"filename_prefix": "klora/flux"}, {"images": (decode, 0)})
-    g.add("PreviewImage", [1120, 520], [320, 360], links={"images": (fuse, 2)}, title="Selection map")
+    decode = g.add("VAEDecode", [820, 360], [220, 50], links={"samples": (sampler, 0), "vae": (vae, 0)})
+    g.add("SaveImage", [1180, 40], [400, 440], {"filename_prefix": "klora/flux"}, {"images": (decode, 0)})
+    g.add("PreviewImage", [820, 460], [320, 360], links={"images": (fuse, 2)}, title="Selection map")
     return g
 
 
@@ -350,14 +350,14 @@ def sd15() -> Graph:
                 {"clip": (style, 1)}, title="Positive prompt", color=("#232", "#353"))
     neg = g.add("CLIPTextEncode", [0, 730], [380, 100], {"text": "blurry, low quality"}, {"clip": (style, 1)},
                 title="Negative prompt", color=("#322", "#533"))
-    latent = g.add("EmptyLatentImage", [400, 560], [300, 110], {"width": 512, "height": 512, "batch_size": 1})
-    sampler = g.add("KSampler", [780, 40], [300, 270],
+    latent = g.add("EmptyLatentImage", [380, 800], [300, 110], {"width": 512, "height": 512, "batch_size": 1})
+    sampler = g.add("KSampler", [820, 40], [300, 270],
                     {"seed": 0, "steps": 30, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal",
                      "denoise": 1.0},
                     {"model": (fuse, 0), "positive": (pos, 0), "negative": (neg, 0), "latent_image": (latent, 0)})
-    decode = g.add("VAEDecode", [780, 360], [220, 50], links={"samples": (sampler, 0), "vae": (ckpt, 2)})
-    g.add("SaveImage", [1120, 40], [400, 440], {"filename_prefix": "klora/sd15"}, {"images": (decode, 0)})
-    g.add("PreviewImage", [780, 460], [320, 360], links={"images": (fuse, 2)}, title="Selection map")
+    decode = g.add("VAEDecode", [820, 360], [220, 50], links={"samples": (sampler, 0), "vae": (ckpt, 2)})
+    g.add("SaveImage", [1180, 40], [400, 440], {"filename_prefix": "klora/sd15"}, {"images": (decode, 0)})
+    g.add("PreviewImage", [820, 460], [320, 360], links={"images": (fuse, 2)}, title="Selection map")
     return g
 
 
@@ -393,18 +393,18 @@ def img2img() -> Graph:
                 {"clip": (style, 1)}, title="Positive prompt", color=("#232", "#353"))
     neg = g.add("CLIPTextEncode", [0, 730], [380, 100], {"text": "blurry, low quality"}, {"clip": (style, 1)},
                 title="Negative prompt", color=("#322", "#533"))
-    image = g.add("LoadImage", [400, 520], [300, 320], {"image": "example.png"})
-    scaled = g.add("ImageScale", [400, 880], [300, 130],
+    image = g.add("LoadImage", [380, 800], [300, 320], {"image": "example.png"})
+    scaled = g.add("ImageScale", [380, 1160], [300, 130],
                    {"upscale_method": "bicubic", "width": 512, "height": 512, "crop": "center"},
                    {"image": (image, 0)})
-    encode = g.add("VAEEncode", [780, 560], [220, 50], links={"pixels": (scaled, 0), "vae": (ckpt, 2)})
-    sampler = g.add("KSampler", [780, 40], [300, 270],
+    encode = g.add("VAEEncode", [820, 880], [220, 50], links={"pixels": (scaled, 0), "vae": (ckpt, 2)})
+    sampler = g.add("KSampler", [820, 40], [300, 270],
                     {"seed": 0, "steps": 30, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal",
                      "denoise": 0.6},
                     {"model": (fuse, 0), "positive": (pos, 0), "negative": (neg, 0), "latent_image": (encode, 0)})
-    decode = g.add("VAEDecode", [780, 360], [220, 50], links={"samples": (sampler, 0), "vae": (ckpt, 2)})
-    g.add("SaveImage", [1120, 40], [400, 440], {"filename_prefix": "klora/img2img"}, {"images": (decode, 0)})
-    g.add("PreviewImage", [1120, 520], [320, 360], links={"images": (fuse, 2)}, title="Selection map")
+    decode = g.add("VAEDecode", [820, 360], [220, 50], links={"samples": (sampler, 0), "vae": (ckpt, 2)})
+    g.add("SaveImage", [1180, 40], [400, 440], {"filename_prefix": "klora/img2img"}, {"images": (decode, 0)})
+    g.add("PreviewImage", [820, 460], [320, 360], links={"images": (fuse, 2)}, title="Selection map")
     return g
 
 

@@ -238,7 +238,8 @@ function attachPreview(node) {
   const widget = node.addDOMWidget(WIDGET_NAME, "klora.preview", state.root, {
     serialize: false, // never part of widgets_values nor of the API prompt
     hideOnZoom: false,
-    getMinHeight: () => 130,
+    getMinHeight: () => 120,
+    getMaxHeight: () => 240, // leaves the rest of the node to the map image shown after a run
   });
   if (widget) widget.serialize = false;
   states.set(node, state);
