@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pair_arguments(i)
     i.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON to FILE")
     i.set_defaults(func=run_inspect)
+    from .comfy_runner import add_run_parser  # `run`: render through a real ComfyUI server
+
+    add_run_parser(sub)
     return parser
 
 

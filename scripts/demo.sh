@@ -1,19 +1,27 @@
 #!/usr/bin/env bash
-# The README's first command: show K-LoRA's per-weight, per-step choice on a
-# seeded demo pair of LoRAs, without downloading any model.
+# The README's first command: render with K-LoRA through a real ComfyUI
+# server, without downloading any model.
 #
-#   bash scripts/demo.sh
+#   bash scripts/demo.sh                      # demo models, one image
+#   bash scripts/demo.sh --grid 1.0,1.5,2.0 0.3,0.5,0.7
+#   bash scripts/demo.sh --comfyui ~/ComfyUI --checkpoint model.safetensors \
+#       --subject dog.safetensors --style ink.safetensors --prompt "..."
 #
-# Writes demo-output/selection_map.png (plus the two demo LoRA files next to
-# it) and prints the selection table.  Uses the cached environment of
-# scripts/setup_comfyui_env.sh (honours KLORA_ENV_DIR and COMFYUI_PATH).
+# 1. builds (once; cached) the environment of scripts/setup_comfyui_env.sh:
+#    a venv with CPU torch and ComfyUI 0.3.75 (honours KLORA_ENV_DIR and
+#    COMFYUI_PATH);
+# 2. runs `python -m klora_core run`: generates the seeded demo UNet, CLIP-L
+#    text encoder, VAE and subject/style LoRAs into the cache (once), starts
+#    ComfyUI with this pack, posts UNETLoader/CLIPLoader/CLIPTextEncode ->
+#    Load Subject/Style LoRA -> K-LoRA Fuse -> KSampler -> VAEDecode ->
+#    SaveImage, and saves the image, the selection map and the report.
+#
+# Output folder: demo-output/ (or $KLORA_DEMO_OUT, or --out DIR).  Every
+# other argument goes to `python -m klora_core run` (see its --help).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 OUT_DIR="${KLORA_DEMO_OUT:-demo-output}"
 VPY="$(bash scripts/setup_comfyui_env.sh | tail -n 1)"
 
-# Step 1: the selection map of the demo LoRA pair (pure torch, no ComfyUI).
-"$VPY" -m klora_core map --out "$OUT_DIR/selection_map.png" --table
-
-echo "demo: open $OUT_DIR/selection_map.png"
+exec "$VPY" -m klora_core run --out "$OUT_DIR" "$@"
