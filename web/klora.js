@@ -245,14 +245,14 @@ function attachPreview(node) {
   states.set(node, state);
   watchWidgets(node, FUSE_WIDGETS, () => kick(node));
   node.onConnectionsChange = chain(node.onConnectionsChange, () => kick(node));
+  const resizes = typeof ResizeObserver === "function" ? new ResizeObserver(() => draw(state)) : null;
+  resizes?.observe(state.canvas);
   node.onRemoved = chain(node.onRemoved, () => {
     if (state.timer) clearTimeout(state.timer);
     state.abort?.abort();
+    resizes?.disconnect();
     states.delete(node);
   });
-  if (typeof ResizeObserver === "function") {
-    new ResizeObserver(() => draw(state)).observe(state.canvas);
-  }
   kick(node);
 }
 
