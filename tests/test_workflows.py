@@ -1,0 +1,104 @@
+"""The example workflows in workflows/ against a real ComfyUI server with this pack.
+
+UI (graph) files: every node type exists in /object_info, every link joins an
+output and an input of the same type, every widget value is valid for its
+input (combo choices after substituting the generated model names, numeric
+ranges, seed control values), version fields as the 0.3.75 frontend writes
+them.  API files: the same graph as the UI file (same nodes, values and
+links), and each one runs to completion on the small detectable models.
+"""
+from __future__ import annotations
+
+import pytest
+
+import workflow_tools as wt
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+
+@pytest.fixture(scope="session")
+def live(request):
+    return wt.live_server(request)
+
+
+def test_generator_is_in_sync():
+    """workflows/ holds exactly what scripts/make_workflows.py writes (edit the script, not the JSON)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_workflows", wt.REPO_ROOT / "scripts" / "make_workflows.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    stale = [str(p.relative_to(wt.REPO_ROOT)) for p, text in module.rendered().items()
+             if not p.is_file() or p.read_text(encoding="utf-8") != text]
+    assert not stale, f"regenerate with python scripts/make_workflows.py: {stale}"
+
+
+@pytest.mark.parametrize("name", wt.WORKFLOW_NAMES)
+def test_ui_workflow_is_valid(live, name):
+    workflow = wt.load_ui(name)
+    problems = wt.validate_ui(workflow, live.object_info, live.names)
+    assert not problems, f"{name}.json:\n" + "\n".join(problems)
+    types = [n["type"] for n in workflow["nodes"]]
+    for needed in ("KLoRASubjectLoader", "KLoRAStyleLoader", "KLoRAFuse", "Note"):
+        assert types.count(needed) == 1, f"{name}: {needed} x{types.count(needed)}"
+    note = next(n for n in workflow["nodes"] if n["type"] == "Note")["widgets_values"][0]
+    assert "trigger" in note and "Load" in note and "models/" in note, note
+
+
+@pytest.mark.parametrize("name", wt.WORKFLOW_NAMES)
+def test_api_matches_ui(live, name):
+    """workflows/api/<name>.json is the UI graph in API format: same nodes, widget values and links."""
+    ui, api = wt.load_ui(name), wt.load_api(name)
+    executed = {str(n["id"]): n for n in ui["nodes"] if n["type"] not in wt.FRONTEND_ONLY}
+    assert set(api) == set(executed)
+    for node_id, node in executed.items():
+        entry = api[node_id]
+        assert entry["class_type"] == node["type"]
+        expected = wt.ui_widget_values(node, live.object_info[node["type"]])
+        for link_id, origin, o_slot, target, _t_slot, _type in ui["links"]:
+            if str(target) == node_id:
+                input_name = next(i["name"] for i in node["inputs"] if i["link"] == link_id)
+                expected[input_name] = [str(origin), o_slot]
+        assert entry["inputs"] == expected, f"{name} node {node_id} ({node['type']})"
+
+
+def test_fuse_settings_follow_the_paper():
+    fuse = {name: next(n for n in wt.load_api(name).values() if n["class_type"] == "KLoRAFuse")["inputs"]
+            for name in wt.WORKFLOW_NAMES}
+    sdxl = fuse["klora_sdxl_subject_style"]
+    assert (sdxl["pattern"], sdxl["alpha"], sdxl["beta"], sdxl["scope"]) == ("s", 1.5, -1.0, "attention projections")
+    flux = fuse["klora_flux_s_star"]
+    assert (flux["pattern"], flux["alpha"], flux["beta"]) == ("s*", 1.5, 1.275)
+    for name, inputs in fuse.items():
+        sampler = next(n for n in wt.load_api(name).values() if n["class_type"] == "KSampler")["inputs"]
+        assert inputs["map_steps"] == sampler["steps"], f"{name}: map_steps should equal the sampler's steps"
+    img2img = next(n for n in wt.load_api("klora_img2img").values() if n["class_type"] == "KSampler")["inputs"]
+    assert img2img["denoise"] < 1.0 and fuse["klora_img2img"]["progress_measure"] == "noise level"
+
+
+@pytest.mark.parametrize("name", wt.WORKFLOW_NAMES)
+def test_api_workflow_runs_on_small_models(live, name):
+    prompt = wt.adapt_api(wt.load_api(name), live.names)
+    entry = live.server.run(prompt, timeout=240)
+    assert entry["status"]["status_str"] == "success"
+    outputs = entry["outputs"]
+    fuse_id = next(k for k, v in prompt.items() if v["class_type"] == "KLoRAFuse")
+    save_id = next(k for k, v in prompt.items() if v["class_type"] == "SaveImage")
+    preview_id = next(k for k, v in prompt.items() if v["class_type"] == "PreviewImage")
+    saved = live.server.output_file(entry, save_id)
+    assert saved.is_file() and saved.stat().st_size > 0
+    assert saved.name.startswith(prompt[save_id]["inputs"]["filename_prefix"].split("/")[-1])
+    assert outputs[preview_id]["images"], "the selection map reached no PreviewImage"
+    # The fuse node shows its map and report on the node (ui.images / ui.text).  ComfyUI reports no
+    # ui output for a node it took from its cache (an earlier workflow had the same fuse inputs).
+    cached = {node for kind, data in entry["status"].get("messages", []) if kind == "execution_cached"
+              for node in data.get("nodes", [])}
+    if fuse_id not in outputs:
+        assert fuse_id in cached, f"K-LoRA Fuse neither ran nor came from the cache: {entry['status']}"
+        return
+    fuse_ui = outputs[fuse_id]
+    assert fuse_ui["images"][0]["filename"].startswith("klora_map_")
+    report = fuse_ui["text"][0]
+    pattern = prompt[fuse_id]["inputs"]["pattern"]
+    assert f"pattern {pattern}," in report and "gamma" in report, report
+    assert "24 weights switch per step" in report, report
