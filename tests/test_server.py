@@ -19,6 +19,7 @@ Budget: under ~90 s on 2 cores (server start ~8 s, then 64x64 images, 4 steps).
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -239,6 +240,33 @@ def test_lora_for_another_family_names_file_and_model(server):
     detectable_models.write_sd2_shaped_lora(server.loras_dir / "sd2_subject.safetensors")
     _fails(server, _klora(server.names, subject="sd2_subject.safetensors"), "sd2_subject.safetensors",
            "another model")
+
+
+def test_interrupt_mid_sampling_restores_the_base_model(server):
+    names = server.names
+    before = _latent(server, server.run(_plain(names)))  # cached result of the first plain run
+    graph = _klora(names)
+    # About a minute of sampling unless interrupted.  (Not thousands of steps: nodes/progress.py's
+    # ProgressMeter bisects every sigma of the schedule before the first step, ~10 ms per step here.)
+    graph["6"]["inputs"]["steps"] = 300
+    events = server.open_events()
+    assert events is not None
+    try:
+        prompt_id = server.post_prompt(graph)
+        deadline = time.monotonic() + 60
+        while True:  # wait until KSampler has made progress: K-LoRA weights are baked now
+            event = events.events.get(timeout=max(0.1, deadline - time.monotonic()))
+            data = event.get("data") or {}
+            if event.get("type") == "progress" and data.get("prompt_id") == prompt_id and str(data.get("node")) == "6" \
+                    and data.get("value", 0) >= 2:
+                break
+        server.interrupt()
+        with pytest.raises(ExecutionFailed, match="interrupted"):
+            server.wait(prompt_id, timeout=60)
+    finally:
+        events.close()
+    after = _latent(server, server.run(_plain(names, end_at_step=9997)))
+    assert torch.equal(before, after), "an interrupted K-LoRA run left patched weights in the base model"
 
 
 def test_server_keeps_serving_after_errors(server):
