@@ -298,6 +298,9 @@ def test_fusion_in_the_browser(live, browser):
         state = vue.wait_preview("ready")
         assert state["visible"], state
         vue.screenshot("browser_4_vue_nodes.png")
+        box = vue.js(NODES_BOX, ["CheckpointLoaderSimple", "KLoRASubjectLoader", "KLoRAStyleLoader", "KLoRAFuse",
+                                 "KSampler"])
+        vue.page.screenshot(path=str(ARTIFACTS / "browser_nodes_vue.png"), clip=box)
         assert not vue.page_errors, vue.page_errors
         assert not vue.own_console_problems(), vue.own_console_problems()
         assert not vue.bad_requests, vue.bad_requests
