@@ -154,7 +154,10 @@ def _check_number(param: str, value, default: float, lo: float, hi: float, from_
         except ValueError:
             raise PreviewRequestError(param, f"{param} must be a number, got {value[:40]!r}") from None
     elif isinstance(value, (int, float)):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # a JSON integer beyond float range (e.g. 10**400)
+            number = math.inf if value > 0 else -math.inf
     else:
         raise PreviewRequestError(param, f"{param} must be a number, got {type(value).__name__}")
     if not math.isfinite(number):
@@ -171,9 +174,12 @@ def _check_int(param: str, value, default: int, lo: int, hi: int, from_query: bo
         raise PreviewRequestError(param, f"{param} must be an integer, got {json.dumps(value)}")
     if isinstance(value, str) and from_query:
         text = value.strip()
-        if not text.lstrip("+-").isdigit():
+        try:  # int() itself decides: "+-1" passes an isdigit() pre-check, "\u00b2" too, and both raise here
+            number = int(text) if text.isascii() else None
+        except ValueError:
+            number = None
+        if number is None:
             raise PreviewRequestError(param, f"{param} must be an integer, got {value[:40]!r}")
-        number = int(text)
     elif isinstance(value, int):
         number = value
     elif isinstance(value, float) and value.is_integer():
@@ -444,7 +450,7 @@ async def _read_params(request) -> PreviewParams:
                                       kind="too_large")
         try:
             raw = json.loads(body.decode("utf-8")) if body.strip() else {}
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, ints over 4300 digits, deep nesting
             raise PreviewRequestError(None, f"the request body is not valid JSON ({exc})") from None
         if request.query:  # parameters in both places would be ambiguous
             raise PreviewRequestError(None, "send parameters either in the query string or in the JSON body, "

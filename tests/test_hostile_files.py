@@ -630,14 +630,194 @@ def test_error_messages_say_what_is_wrong(file_results):
 
 
 # --------------------------------------------------------------------- preview route on a real server
+#
+# Complements tests/test_preview_route.py (which checks the plain cases: "../x", absolute paths, NaN/inf,
+# ranges, wrong JSON types, missing/repeated parameters): encoded and mixed spellings aimed at a real file
+# outside the loras folder, extreme numbers, long strings and bodies, all against one canary.
+
+CANARY_KEY = "lora_unet_klora_canary_do_not_read"
+MAX_URL_NAME = 4000  # aiohttp refuses request lines over 8190 bytes before any route runs
 
 
-def _harness():
+def _http(server, method, path_and_query, body=None, headers=None, timeout=30):
+    """``(status, content type, bytes)`` without raising on 4xx/5xx; loopback only, no proxies."""
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(server.url + path_and_query, data=body, method=method, headers=headers or {})
     try:
-        import server_harness
-    except ImportError as exc:  # pragma: no cover - the harness is part of the test suite
-        pytest.fail(f"tests/server_harness.py is missing: {exc}")
-    return server_harness
+        with opener.open(request, timeout=timeout) as response:
+            return response.status, response.headers.get("Content-Type", ""), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("Content-Type", ""), exc.read()
+
+
+@pytest.fixture(scope="module")
+def preview_target(request, comfy, tmp_path_factory):
+    """The session's shared server (tests/workflow_tools.py), a canary LoRA outside its loras folder, a control."""
+    import torch
+    from safetensors.torch import save_file
+
+    import workflow_tools
+
+    live = workflow_tools.live_server(request)
+    server = live.server
+    canaries = []
+    for folder in (server.workdir, tmp_path_factory.mktemp("canary")):
+        path = Path(folder) / "klora-canary.safetensors"
+        save_file({CANARY_KEY + ".lora_down.weight": torch.ones(2, 320),
+                   CANARY_KEY + ".lora_up.weight": torch.ones(320, 2)}, str(path))
+        canaries.append(path)
+    control = canaries[1].with_name("klora-canary-control.safetensors")
+    control.write_bytes(canaries[1].read_bytes())
+    now = time.time_ns()
+    for path in canaries + [control]:  # atime well before mtime: with relatime the next read updates it
+        os.utime(path, ns=(now - 86_400 * 10 ** 9, now))
+    atimes = {path: os.stat(path).st_atime_ns for path in canaries}
+    return live, canaries, control, atimes
+
+
+def _hostile_names(server, canaries) -> list:
+    loras = Path(server.loras_dir)
+    rel = os.path.relpath(canaries[0], loras)
+    name = canaries[0].name
+    return [
+        rel, "./" + rel, rel.replace("/", "\\"), "..\\" * 3 + name, str(canaries[0]), str(canaries[1]),
+        "file://" + str(canaries[0]), "//" + str(canaries[0]).lstrip("/"), str(loras) + "/" + rel,
+        "sub/../" + rel, "....//" + name, "..././" + name, "\uff0e\uff0e/" + name,  # fullwidth dots
+        "%2e%2e%2f" + name, "%252e%252e%252f" + name, ".." + "%2f" + name, "..%c0%af" + name,
+        rel + "\x00.safetensors", "\\\\?\\" + str(canaries[0]), "C:" + name, "~/" + name, "$HOME/" + name,
+        name, "x" * MAX_URL_NAME,
+    ]
+
+
+def _assert_json_4xx(status, ctype, payload, what):
+    assert 400 <= status < 500, f"{what}: status {status}: {payload[:300]!r}"
+    assert ctype.startswith("application/json"), f"{what}: {ctype}: {payload[:300]!r}"
+    answer = json.loads(payload)
+    assert answer["error"]["message"], answer
+    assert CANARY_KEY not in payload.decode("utf-8", "replace") and "canary_do_not_read" not in payload.decode(
+        "utf-8", "replace"), f"{what}: the canary's content is in the answer"
+    return answer
+
+
+def test_preview_route_refuses_hostile_names(preview_target):
+    import urllib.parse
+
+    live, canaries, control, atimes = preview_target
+    server = live.server
+    names = _hostile_names(server, canaries)
+    sent = 0
+    for name in names:
+        for role in ("subject", "style"):
+            params = {"subject": live.names["subject"], "style": live.names["style"], role: name}
+            for path in ("/klora/preview", "/klora/preview.png"):
+                status, ctype, payload = _http(server, "GET", path + "?" + urllib.parse.urlencode(params))
+                answer = _assert_json_4xx(status, ctype, payload, f"GET {path} {role}={name[:80]!r}")
+                assert answer["error"].get("param") == role, answer
+                sent += 1
+            body = json.dumps(params).encode()
+            status, ctype, payload = _http(server, "POST", "/klora/preview", body,
+                                           {"Content-Type": "application/json"})
+            _assert_json_4xx(status, ctype, payload, f"POST {role}={name[:80]!r}")
+            sent += 1
+    # Encodings written into the raw query string (decoded once by the server, never twice).
+    rel = os.path.relpath(canaries[0], server.loras_dir)
+    for raw in (rel.replace(".", "%2e").replace("/", "%2f"), rel.replace("/", "%5c"), rel.replace("/", "%2F"),
+                urllib.parse.quote(str(canaries[0]), safe=""), "%2e%2e/" * 3 + canaries[0].name):
+        query = f"subject={raw}&style={urllib.parse.quote(live.names['style'])}"
+        status, ctype, payload = _http(server, "GET", "/klora/preview?" + query)
+        _assert_json_4xx(status, ctype, payload, f"raw query {raw!r}")
+        sent += 1
+    _assert_canaries_unread(canaries, control, atimes)
+    _assert_server_fine(live)
+    print(f"\npreview route: {sent} hostile-name requests, all JSON 4xx; canaries unread")
+
+
+@pytest.mark.parametrize("param, values", [
+    ("alpha", ["1e308", "-1e308", "1e999", "-1e999", "NaN", "nan", "-nan", "Infinity", "+inf", "-inf", "0x10",
+               "--1", "1e", "\x00", "", " ", "9" * 400]),
+    ("beta", ["-1.0000001", "-1e308", "nan", "inf", "1e999"]),
+    ("subject_strength", ["-100.0001", "1e308", "-inf", "nan"]),
+    ("map_steps", ["-1", "0", "-0", "151", "99999999999999999999999999999999", "1e3", "0x10", "nan", "inf",
+                   "1.5", "+-1", "-+5", "\u00b2", "\u0661\u0662", "9" * 4000]),
+    ("pattern", ["S", "s ", "s*" * 1000, "\x00", "../s"]),
+    ("scope", ["ATTENTION PROJECTIONS", "all", "x" * 4000]),
+    ("x" * 1000, ["1"]),
+])
+def test_preview_route_refuses_hostile_numbers_and_strings(preview_target, param, values):
+    import urllib.parse
+
+    live, canaries, control, atimes = preview_target
+    for value in values:
+        params = {"subject": live.names["subject"], "style": live.names["style"], param: value}
+        status, ctype, payload = _http(live.server, "GET", "/klora/preview?" + urllib.parse.urlencode(params))
+        answer = _assert_json_4xx(status, ctype, payload, f"{param[:40]}={value[:60]!r}")
+        assert answer["error"].get("param", "")[:40] == param[:40], answer
+    _assert_server_fine(live)
+
+
+@pytest.mark.parametrize("body", [
+    {"alpha": 1e400}, {"alpha": float("nan")}, {"alpha": -float("inf")}, {"alpha": 10 ** 400},
+    {"map_steps": 10 ** 30}, {"map_steps": -5}, {"map_steps": True}, {"map_steps": "20"}, {"map_steps": [20]},
+    {"subject_strength": {"value": 1}}, {"subject": ["a", "b"]}, {"subject": 5}, {"subject": None},
+    {"style": {"name": "x"}}, {"subject": "x" * 60_000},
+])
+def test_preview_route_refuses_hostile_json(preview_target, body):
+    live, _, _, _ = preview_target
+    params = {"subject": live.names["subject"], "style": live.names["style"], **body}
+    if body.get("subject", 0) is None:
+        params.pop("subject")
+    raw = json.dumps(params, allow_nan=True).encode()
+    status, ctype, payload = _http(live.server, "POST", "/klora/preview", raw, {"Content-Type": "application/json"})
+    _assert_json_4xx(status, ctype, payload, f"POST {str(body)[:80]}")
+
+
+def test_preview_route_refuses_hostile_bodies(preview_target):
+    live, canaries, control, atimes = preview_target
+    server = live.server
+    bodies = [
+        b"", b"{", b"\xff\xfe\x00", b"[]", b"null", b"1e999", b'"' + b"x" * 1000 + b'"',
+        b"[" * 30_000 + b"]" * 30_000,  # deep nesting under 64 KiB: beyond Python's recursion limit
+        b'{"subject": ' + b"[" * 30_000 + b"]" * 30_000 + b"}",
+        json.dumps({"subject": live.names["subject"], "style": live.names["style"], "pad": "x" * 70_000}).encode(),
+        b"{" + b'"a":1,' * 20_000 + b'"b":2}',  # over 64 KiB
+        b'{"alpha": ' + b"9" * 5000 + b"}",  # an integer over Python's 4300-digit conversion limit
+        b'{"alpha": 1, "alpha": 2}',  # duplicate keys
+    ]
+    for body in bodies:
+        status, ctype, payload = _http(server, "POST", "/klora/preview", body, {"Content-Type": "application/json"})
+        _assert_json_4xx(status, ctype, payload, f"body {body[:40]!r} ({len(body)} bytes)")
+    # A request line over aiohttp's 8190-byte limit is refused by aiohttp itself (a 4xx before any route).
+    status, _, _ = _http(server, "GET", "/klora/preview?subject=" + "x" * 20_000)
+    assert 400 <= status < 500
+    _assert_canaries_unread(canaries, control, atimes)
+    _assert_server_fine(live)
+
+
+def _assert_canaries_unread(canaries, control, atimes):
+    st = os.stat(control)
+    os.utime(control, ns=(st.st_mtime_ns - 86_400 * 10 ** 9, st.st_mtime_ns))
+    before = os.stat(control).st_atime_ns
+    with open(control, "rb") as f:  # the check works: one read of the control moves its atime
+        f.read(16)
+    assert os.stat(control).st_atime_ns != before, "atime does not move on read here: the canary check is void"
+    for path in canaries:
+        assert os.stat(path).st_atime_ns == atimes[path], f"{path} was read by the server"
+
+
+def _assert_server_fine(live):
+    import urllib.parse
+
+    server = live.server
+    assert server.running(), "the server died"
+    status, _, _ = _http(server, "GET", "/system_stats")
+    assert status == 200
+    params = {"subject": live.names["subject"], "style": live.names["style"], "map_steps": "4"}
+    status, ctype, payload = _http(server, "GET", "/klora/preview?" + urllib.parse.urlencode(params))
+    assert status == 200 and json.loads(payload)["steps"] == 4
+    assert "K-LoRA preview failed" not in server.log_text(), "the preview route hit an unexpected error"
 
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--worker":
