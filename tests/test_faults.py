@@ -173,6 +173,49 @@ def test_deleted_file_fails_clearly(klora_pack, tmp_path):
         make_handle("subject", path.name, str(path), 1.0)
 
 
+# --------------------------------------------------------------------- replaced / deleted, on a real server
+
+
+@pytest.mark.server
+def test_replaced_and_deleted_file_on_a_real_server(request, comfy):
+    """Same graph twice around an in-place rewrite with the mtime set back, then with the file deleted."""
+    import detectable_models
+    import workflow_tools
+    from safetensors.torch import load_file
+    from server_harness import ExecutionFailed, PromptRejected
+    from test_soak import Files, Fuse, Spec, build_graph
+
+    live = workflow_tools.live_server(request)
+    server, names = live.server, live.names
+    loras = Path(server.loras_dir)
+    subject_b, _ = detectable_models.write_demo_loras(loras, seed=2026)
+    old, new = (loras / names["subject"]).read_bytes(), (loras / subject_b).read_bytes()
+    assert len(old) == len(new) and old != new
+    swap = loras / "klora-fault-swap-subject.safetensors"
+    swap.write_bytes(old)
+    files = Files(unet={"A": names["unet"]}, subject={"A": swap.name, "B": subject_b},
+                  style={"A": names["style"]}, clip=names["clip"])
+    spec = Spec(seed=401, fuses=(Fuse(),))
+
+    def run(spec, tag):
+        entry = server.run(build_graph(files, spec, f"faults/{tag}"), timeout=180)
+        item = entry["outputs"]["save"]["latents"][0]
+        return load_file(str(server.output_dir / item.get("subfolder", "") / item["filename"]))["latent_tensor"]
+
+    first = run(spec, "before")
+    _rewrite_in_place_keep_mtime(swap, new)
+    second = run(spec, "after")  # the very same graph: only the file's content changed
+    reference = run(Spec(seed=401, fuses=(Fuse(subject="B"),)), "reference")
+    assert torch.equal(second, reference), "the run after the rewrite did not use the new content"
+    assert not torch.equal(first, second)
+
+    swap.unlink()
+    with pytest.raises((PromptRejected, ExecutionFailed)) as info:
+        server.run(build_graph(files, spec, "faults/deleted"), timeout=180)
+    assert swap.name in str(info.value), str(info.value)
+    assert server.running()
+
+
 # --------------------------------------------------------------------- out of memory while scoring
 
 
