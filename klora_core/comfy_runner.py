@@ -1040,7 +1040,6 @@ def _run(args) -> int:
     def say(text: str) -> None:
         print(f"klora run: {text}", flush=True)
 
-    workdir = Path(tempfile.mkdtemp(prefix="klora-run-"))
     cpu = _server_uses_cpu(args)
     env = dict(os.environ)
     if cpu:
@@ -1049,32 +1048,14 @@ def _run(args) -> int:
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    workdir = Path(tempfile.mkdtemp(prefix="klora-run-"))
     server = ComfyUIServer(comfy_root, workdir, python=args.python, port=args.port, cpu=cpu, env=env)
-    server.prepare()
-    names: dict = {}
-    taken: set = set()
-    if args.checkpoint:
-        names["checkpoint"] = _stage_file(args.checkpoint, server.checkpoints_dir, "checkpoint", set())
-    else:
-        from . import demo_models
-
-        seed = demo_models.DEFAULT_SEED if args.demo_seed is None else args.demo_seed
-        cache = demo_models.default_cache_dir()
-        for kind, folder in (("unet", server.unet_dir), ("clip", server.clip_dir), ("vae", server.vae_dir)):
-            path = demo_models.ensure_file(kind, cache, seed, notify=say)
-            _link_or_copy(path, folder / path.name)
-            names[kind] = path.name
-    if args.subject is None:
-        from . import demo_models
-
-        seed = demo_models.DEFAULT_SEED if args.demo_seed is None else args.demo_seed
-        for role in ("subject", "style"):
-            path = demo_models.ensure_file(role, demo_models.default_cache_dir(), seed, notify=say)
-            _link_or_copy(path, server.loras_dir / path.name)
-            names[role] = path.name
-    else:
-        names["subject"] = _stage_file(args.subject, server.loras_dir, "subject", taken)
-        names["style"] = _stage_file(args.style, server.loras_dir, "style", taken)
+    try:
+        server.prepare()
+        names = _stage_models(args, server, say)
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
 
     failed = True
     try:
@@ -1105,6 +1086,35 @@ def _run(args) -> int:
         say(f"wrote {path}")
     say(f"done in {time.monotonic() - t_start:.1f} s; open {out_dir}")
     return 0
+
+
+def _stage_models(args, server: ComfyUIServer, say) -> dict:
+    """Generate/link the demo models or the user's files into the server's model folders; ComfyUI names."""
+    names: dict = {}
+    taken: set = set()
+    if args.checkpoint:
+        names["checkpoint"] = _stage_file(args.checkpoint, server.checkpoints_dir, "checkpoint", set())
+    else:
+        from . import demo_models
+
+        seed = demo_models.DEFAULT_SEED if args.demo_seed is None else args.demo_seed
+        cache = demo_models.default_cache_dir()
+        for kind, folder in (("unet", server.unet_dir), ("clip", server.clip_dir), ("vae", server.vae_dir)):
+            path = demo_models.ensure_file(kind, cache, seed, notify=say)
+            _link_or_copy(path, folder / path.name)
+            names[kind] = path.name
+    if args.subject is None:
+        from . import demo_models
+
+        seed = demo_models.DEFAULT_SEED if args.demo_seed is None else args.demo_seed
+        for role in ("subject", "style"):
+            path = demo_models.ensure_file(role, demo_models.default_cache_dir(), seed, notify=say)
+            _link_or_copy(path, server.loras_dir / path.name)
+            names[role] = path.name
+    else:
+        names["subject"] = _stage_file(args.subject, server.loras_dir, "subject", taken)
+        names["style"] = _stage_file(args.style, server.loras_dir, "style", taken)
+    return names
 
 
 def _render(args, server: ComfyUIServer, names: dict, out_dir: Path, events, say) -> list:

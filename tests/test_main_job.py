@@ -19,9 +19,12 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run(*args, timeout=300):
+def _run(*args, timeout=300, tmpdir=None):
     threads = os.environ.get("KLORA_TEST_THREADS", "1")
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    if tmpdir is not None:  # where the run's temporary ComfyUI folders go (checked for leftovers)
+        Path(tmpdir).mkdir(parents=True, exist_ok=True)
+        env["TMPDIR"] = str(tmpdir)
     return subprocess.run([sys.executable, "-m", "klora_core", "run", *args], cwd=str(REPO_ROOT), env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -34,8 +37,9 @@ def _png_size(path: Path):
 
 def test_run_renders_image_map_and_report(tmp_path):
     out = tmp_path / "out"
-    proc = _run("--steps", "4", "--out", str(out))
+    proc = _run("--steps", "4", "--out", str(out), tmpdir=tmp_path / "tmp")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not list((tmp_path / "tmp").glob("klora-run-*")), "the run left its temporary folder behind"
     assert _png_size(out / "klora_seed0.png") == (128, 128)
     assert _png_size(out / "selection_map.png")[0] > 100
     report = (out / "report.txt").read_text()
@@ -64,8 +68,9 @@ def test_run_grid_draws_a_contact_sheet(tmp_path):
 
 def test_run_bad_input_is_one_line(tmp_path):
     proc = _run("--subject", str(tmp_path / "nope" / "dog.safetensors"), "--style", "x.safetensors",
-                "--out", str(tmp_path / "o"), timeout=120)
+                "--out", str(tmp_path / "o"), timeout=120, tmpdir=tmp_path / "tmp")
     assert proc.returncode == 1
+    assert not list((tmp_path / "tmp").glob("klora-run-*")), "a failed run left its temporary folder behind"
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("klora: error: subject:") and "no such file" in lines[0]
 
