@@ -29,8 +29,11 @@ MEASURE_NOISE = "noise level"
 MEASURE_STEPS = "step count"
 MEASURES = (MEASURE_NOISE, MEASURE_STEPS)
 
-#: Bisection iterations: 2**-60 is below float64 resolution on [0, 1].
-_BISECTION_STEPS = 60
+#: Bisection iterations: 2**-48 (~4e-15) is far below any decision margin that matters.
+_BISECTION_STEPS = 48
+#: Schedule points used to recognise a uniform grid (evenly spaced, first and last included);
+#: each evaluated point is still snapped only when it lies on the grid itself.
+GRID_SAMPLE_POINTS = 24
 #: Largest deviation from a uniform grid, in grid steps, that still counts as on it.
 GRID_TOLERANCE = 0.05
 
@@ -49,24 +52,6 @@ def progress_from_sigma(model_sampling, sigma: float) -> float:
     return 0.5 * (lo + hi)
 
 
-def fit_grid(progresses: list[float]):
-    """``(start, M)`` when ``progresses[j] ~= (start + j) / M`` for every j, else None."""
-    if len(progresses) < 2:
-        return None
-    diffs = [b - a for a, b in zip(progresses, progresses[1:])]
-    step = sorted(diffs)[len(diffs) // 2]
-    if step <= 0:
-        return None
-    grid = round(1.0 / step)
-    if grid < 1 or grid > 100000:
-        return None
-    start = round(progresses[0] * grid)
-    for j, p in enumerate(progresses):
-        if abs(p * grid - (start + j)) > GRID_TOLERANCE:
-            return None
-    return start, grid
-
-
 class ProgressMeter:
     """Progress of each model call of one sampling pass; caches per sigma.
 
@@ -82,9 +67,32 @@ class ProgressMeter:
         self.sigmas = [float(s) for s in sample_sigmas.flatten().tolist()]
         self._cache: dict[float, float] = {}
         self.grid = None
+        self._schedule_index: dict[float, int] = {}
         if measure == MEASURE_NOISE:
             positive = [s for s in self.sigmas if s > 0.0]
-            self.grid = fit_grid([progress_from_sigma(model_sampling, s) for s in positive])
+            self.grid = self._fit_sampled_grid(positive)
+            for i, s in enumerate(positive):
+                self._schedule_index.setdefault(s, i)
+
+    def _fit_sampled_grid(self, positive: list):
+        """fit_grid on up to GRID_SAMPLE_POINTS evenly spaced schedule points (cost independent of steps)."""
+        n = len(positive)
+        if n < 2:
+            return None
+        count = min(n, GRID_SAMPLE_POINTS)
+        indices = sorted({round(j * (n - 1) / (count - 1)) for j in range(count)})
+        progresses = {i: progress_from_sigma(self.model_sampling, positive[i]) for i in indices}
+        step = (progresses[indices[-1]] - progresses[indices[0]]) / (indices[-1] - indices[0])
+        if step <= 0:
+            return None
+        grid = round(1.0 / step)
+        if grid < 1 or grid > 100000:
+            return None
+        start = round(progresses[indices[0]] * grid) - indices[0]
+        for i, p in progresses.items():
+            if abs(p * grid - (start + i)) > GRID_TOLERANCE:
+                return None
+        return start, grid
 
     def __call__(self, sigma: float) -> float:
         cached = self._cache.get(sigma)
@@ -99,6 +107,10 @@ class ProgressMeter:
             # Position of the step this sigma belongs to: the last schedule value >= sigma.
             index = sum(1 for s in self.sigmas[:-1] if s >= sigma) - 1
             return max(index, 0) / steps
+        if self.grid is not None and sigma in self._schedule_index:
+            # A point of a schedule recognised as uniform: its exact fraction, no search needed.
+            start, grid = self.grid
+            return (start + self._schedule_index[sigma]) / grid
         p = progress_from_sigma(self.model_sampling, sigma)
         if self.grid is not None:
             start, grid = self.grid
