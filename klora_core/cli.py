@@ -21,6 +21,7 @@ import math
 import os
 import sys
 
+from .arg_types import finite_number, int_in_range
 from .errors import KLoRAError
 
 log = logging.getLogger(__name__)
@@ -91,28 +92,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"klora: error: {message} (see {self.prog} --help)\n")
 
 
-def _steps(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--steps must be an integer, got {text!r}") from None
-    if not 1 <= value <= MAX_STEPS:
-        raise argparse.ArgumentTypeError(f"--steps must be between 1 and {MAX_STEPS}, got {value}")
-    return value
-
-
-def _number(text: str) -> float:
-    import math
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"klora_core {_version()}")
@@ -136,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pair_arguments(i)
     i.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON to FILE")
     i.set_defaults(func=run_inspect)
-    from .comfy_runner import add_run_parser  # `run`: render through a real ComfyUI server
+    from .run_command import add_run_parser  # `run`: render through a real ComfyUI server
 
     add_run_parser(sub)
     return parser
@@ -146,15 +125,18 @@ def _add_pair_arguments(m: argparse.ArgumentParser) -> None:
     """The options ``map`` and ``inspect`` share."""
     m.add_argument("subject", nargs="?", metavar="SUBJECT", help="subject LoRA (.safetensors); omit both files for the demo pair")
     m.add_argument("style", nargs="?", metavar="STYLE", help="style LoRA (.safetensors)")
-    m.add_argument("--steps", type=_steps, default=20, help="sampling steps (columns), 1-%d; step i has progress i/steps (default 20)" % MAX_STEPS)
+    m.add_argument("--steps", type=int_in_range(1, MAX_STEPS, "--steps"), default=20,
+                   help="sampling steps (columns), 1-%d; step i has progress i/steps (default 20)" % MAX_STEPS)
     m.add_argument("--pattern", choices=["s", "s*"], default="s",
                    help="style-factor schedule: s = alpha*p + beta (paper's main results), "
                         "s* = (alpha*p + beta) mod alpha (supplement; suits FLUX) (default s)")
-    m.add_argument("--alpha", type=_number, default=None, help="schedule slope (default 1.5)")
-    m.add_argument("--beta", type=_number, default=None, help="schedule offset (default 0.5 for s, 1.275 for s*)")
-    m.add_argument("--subject-strength", type=_number, default=1.0, metavar="X",
+    m.add_argument("--alpha", type=finite_number, default=None, help="schedule slope (default 1.5)")
+    m.add_argument("--beta", type=finite_number, default=None,
+                   help="schedule offset (default 0.5 for s, 1.275 for s*)")
+    m.add_argument("--subject-strength", type=finite_number, default=1.0, metavar="X",
                    help="subject LoRA strength (scales its delta; the choice itself is invariant to it) (default 1)")
-    m.add_argument("--style-strength", type=_number, default=1.0, metavar="X", help="style LoRA strength (default 1)")
+    m.add_argument("--style-strength", type=finite_number, default=1.0, metavar="X",
+                   help="style LoRA strength (default 1)")
     m.add_argument("--scope", choices=["attention", "all"], default="attention",
                    help="weights to schedule: attention projections q/k/v/out of the diffusion model "
                         "(the paper's choice) or every weight both LoRAs cover (default attention)")

@@ -1,0 +1,45 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""argparse ``type=`` converters shared by the ``map``/``inspect`` and ``run`` commands.
+
+Each raises ``argparse.ArgumentTypeError`` with the message argparse prints
+(``klora: error: argument --x: <message>``), so a bad value is exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def finite_number(text: str) -> float:
+    """``text`` as a finite float (no nan/inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def int_in_range(lo: int, hi: int, what: str):
+    """A converter of ``text`` to an int in ``[lo, hi]``; ``what`` (e.g. ``"--steps"``) names it in errors."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be an integer, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{what} must be between {lo} and {hi}, got {value}")
+        return value
+    return parse
+
+
+def float_list(text: str) -> list:
+    """``"1.0,1.5,2"`` as ``[1.0, 1.5, 2.0]``: at least one number, all finite (empty items are skipped)."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers, got {text!r}")
+    return values

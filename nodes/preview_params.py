@@ -1,0 +1,205 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Parameters of the ``/klora/preview`` route: validation into :class:`PreviewParams`.
+
+Pure Python (ComfyUI's ``folder_paths`` is imported only when no list of LoRA
+file names is given); the HTTP handlers are in ``nodes/routes.py``.
+
+Request (GET query string, or POST with a JSON object body):
+
+============== ======== ==================================================
+parameter      default  meaning
+============== ======== ==================================================
+subject        required file name as listed in ComfyUI's loras folder
+style          required file name as listed in ComfyUI's loras folder
+subject_strength 1.0    -100..100 (as "Load Subject LoRA")
+style_strength 1.0      -100..100
+alpha          1.5      0..10
+beta           -1       -1..10; negative = the pattern's default
+pattern        "s"      "s" or "s*"
+scope          "attention projections" or "all shared weights"
+map_steps      20       1..150 (columns)
+============== ======== ==================================================
+
+Every problem is a :class:`PreviewRequestError`: HTTP 400 with ``{"error":
+{"type", "param", "message"}}``, ``type`` ``invalid_parameter`` or
+``unknown_lora``.  Query-string values are text; JSON values keep their types
+(a JSON ``true`` is not a number, ``2.0`` is an integer).
+"""
+from __future__ import annotations
+
+import json
+import math
+import ntpath
+import posixpath
+from dataclasses import dataclass
+
+from ..klora_core import schedule
+
+SCOPE_ATTENTION = "attention projections"  # same strings as nodes/fuse.py (kept import-light here)
+SCOPE_ALL = "all shared weights"
+SCOPES = (SCOPE_ATTENTION, SCOPE_ALL)
+
+STRENGTH_RANGE = (-100.0, 100.0)
+ALPHA_RANGE = (0.0, 10.0)
+BETA_RANGE = (-1.0, 10.0)
+STEPS_RANGE = (1, 150)
+MAX_NAME_CHARS = 1024
+
+PARAMS = ("subject", "style", "subject_strength", "style_strength", "alpha", "beta", "pattern", "scope",
+          "map_steps")
+
+
+class PreviewRequestError(Exception):
+    """A bad request parameter (HTTP 400)."""
+
+    def __init__(self, param, message, status=400, kind="invalid_parameter"):
+        super().__init__(message)
+        self.param = param
+        self.message = message
+        self.status = status
+        self.kind = kind
+
+    def payload(self) -> dict:
+        error = {"type": self.kind, "message": self.message}
+        if self.param is not None:
+            error["param"] = self.param
+        return {"error": error}
+
+
+@dataclass(frozen=True)
+class PreviewParams:
+    """A valid preview request: two LoRA file names, strengths (factors on each delta), the schedule
+    (alpha, beta < 0 = the pattern's default, see :attr:`resolved_beta`), scope and map_steps (columns)."""
+
+    subject: str
+    style: str
+    subject_strength: float = 1.0
+    style_strength: float = 1.0
+    alpha: float = 1.5
+    beta: float = -1.0
+    pattern: str = schedule.PATTERN_S
+    scope: str = SCOPE_ATTENTION
+    map_steps: int = 20
+
+    @property
+    def resolved_beta(self) -> float:
+        return schedule.DEFAULTS[self.pattern][1] if self.beta < 0 else self.beta
+
+
+
+def _lora_names() -> list:
+    """The LoRA file names ComfyUI lists (its ``loras`` folders, relative paths)."""
+    import folder_paths
+
+    return list(folder_paths.get_filename_list("loras"))
+
+
+def _check_name(param: str, value, names) -> str:
+    """``value`` when it is one of ``names``: a plain relative name (no absolute path, ``~`` or ``..``)."""
+    if value is None:
+        raise PreviewRequestError(param, f"{param} is required: the name of a LoRA file in ComfyUI's loras folder")
+    if not isinstance(value, str):
+        raise PreviewRequestError(param, f"{param} must be a string (a LoRA file name), got {type(value).__name__}")
+    if not value.strip():
+        raise PreviewRequestError(param, f"{param} must not be empty")
+    if len(value) > MAX_NAME_CHARS or "\x00" in value:
+        raise PreviewRequestError(param, f"{param} is not a valid file name")
+    if posixpath.isabs(value) or ntpath.isabs(value) or ntpath.splitdrive(value)[0] or value.startswith("~"):
+        raise PreviewRequestError(param, f"{param} must be a name from ComfyUI's loras folder, not an absolute path")
+    if any(part == ".." for part in value.replace("\\", "/").split("/")):
+        raise PreviewRequestError(param, f"{param} must be a name from ComfyUI's loras folder; '..' is not allowed")
+    if value not in names:
+        raise PreviewRequestError(
+            param, f"{param}: '{value}' is not in ComfyUI's loras folder (put the file there and refresh)",
+            kind="unknown_lora")
+    return value
+
+
+def _check_number(param: str, value, default: float, lo: float, hi: float, from_query: bool) -> float:
+    """``value`` as a finite float in ``[lo, hi]`` (``default`` when absent); text only from a query string."""
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        raise PreviewRequestError(param, f"{param} must be a number, got {json.dumps(value)}")
+    if isinstance(value, str) and from_query:
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise PreviewRequestError(param, f"{param} must be a number, got {value[:40]!r}") from None
+    elif isinstance(value, (int, float)):
+        try:
+            number = float(value)
+        except OverflowError:  # a JSON integer beyond float range (e.g. 10**400)
+            number = math.inf if value > 0 else -math.inf
+    else:
+        raise PreviewRequestError(param, f"{param} must be a number, got {type(value).__name__}")
+    if not math.isfinite(number):
+        raise PreviewRequestError(param, f"{param} must be a finite number, got {value!r}")
+    if not lo <= number <= hi:
+        raise PreviewRequestError(param, f"{param} must be between {lo:g} and {hi:g}, got {number:g}")
+    return number
+
+
+def _check_int(param: str, value, default: int, lo: int, hi: int, from_query: bool) -> int:
+    """``value`` as an int in ``[lo, hi]`` (``default`` when absent); a JSON float only when integral."""
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        raise PreviewRequestError(param, f"{param} must be an integer, got {json.dumps(value)}")
+    if isinstance(value, str) and from_query:
+        text = value.strip()
+        try:  # int() itself decides: "+-1" passes an isdigit() pre-check, "\u00b2" too, and both raise here
+            number = int(text) if text.isascii() else None
+        except ValueError:
+            number = None
+        if number is None:
+            raise PreviewRequestError(param, f"{param} must be an integer, got {value[:40]!r}")
+    elif isinstance(value, int):
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    else:
+        raise PreviewRequestError(param, f"{param} must be an integer, got {value!r}"[:120])
+    if not lo <= number <= hi:
+        raise PreviewRequestError(param, f"{param} must be between {lo} and {hi}, got {number}")
+    return number
+
+
+def _check_choice(param: str, value, default: str, choices) -> str:
+    """``value`` when it is one of ``choices`` (``default`` when absent)."""
+    if value is None:
+        return default
+    if not isinstance(value, str) or value not in choices:
+        shown = value[:40] if isinstance(value, str) else value
+        raise PreviewRequestError(
+            param, f"{param} must be one of {', '.join(repr(c) for c in choices)}, got {shown!r}")
+    return value
+
+
+def parse_params(raw, from_query: bool, names=None) -> PreviewParams:
+    """Validate a request's parameters (query dict or JSON object) into :class:`PreviewParams`.
+
+    Raises PreviewRequestError (param + clear message) on the first problem.
+    ``names`` defaults to ComfyUI's list of LoRA files.
+    """
+    if not isinstance(raw, dict):
+        raise PreviewRequestError(None, "the request body must be a JSON object")
+    unknown = sorted(str(k) for k in raw if k not in PARAMS)
+    if unknown:
+        raise PreviewRequestError(
+            unknown[0], f"unknown parameter(s) {', '.join(repr(u[:40]) for u in unknown[:5])}; "
+                        f"accepted: {', '.join(PARAMS)}")
+    names = set(_lora_names() if names is None else names)
+    return PreviewParams(
+        subject=_check_name("subject", raw.get("subject"), names),
+        style=_check_name("style", raw.get("style"), names),
+        subject_strength=_check_number("subject_strength", raw.get("subject_strength"), 1.0, *STRENGTH_RANGE,
+                                       from_query),
+        style_strength=_check_number("style_strength", raw.get("style_strength"), 1.0, *STRENGTH_RANGE,
+                                     from_query),
+        alpha=_check_number("alpha", raw.get("alpha"), 1.5, *ALPHA_RANGE, from_query),
+        beta=_check_number("beta", raw.get("beta"), -1.0, *BETA_RANGE, from_query),
+        pattern=_check_choice("pattern", raw.get("pattern"), schedule.PATTERN_S, schedule.PATTERNS),
+        scope=_check_choice("scope", raw.get("scope"), SCOPE_ATTENTION, SCOPES),
+        map_steps=_check_int("map_steps", raw.get("map_steps"), 20, *STEPS_RANGE, from_query),
+    )
