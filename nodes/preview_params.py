@@ -86,6 +86,8 @@ class PreviewParams:
         return schedule.DEFAULTS[self.pattern][1] if self.beta < 0 else self.beta
 
 
+# ---------------------------------------------------------------- validation
+
 
 def _lora_names() -> list:
     """The LoRA file names ComfyUI lists (its ``loras`` folders, relative paths)."""

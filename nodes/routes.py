@@ -12,21 +12,9 @@ not ComfyUI's model keys, so the rows may be named and ordered slightly
 differently from the node's own map; the decisions are the same wherever the
 two readers pair the same weights (see README "See the fusion").
 
-Request (GET query string, or POST with a JSON object body):
-
-============== ======== ==================================================
-parameter      default  meaning
-============== ======== ==================================================
-subject        required file name as listed in ComfyUI's loras folder
-style          required file name as listed in ComfyUI's loras folder
-subject_strength 1.0    -100..100 (as "Load Subject LoRA")
-style_strength 1.0      -100..100
-alpha          1.5      0..10
-beta           -1       -1..10; negative = the pattern's default
-pattern        "s"      "s" or "s*"
-scope          "attention projections" or "all shared weights"
-map_steps      20       1..150 (columns)
-============== ======== ==================================================
+The request (GET query string, or POST with a JSON object body; parameters
+subject, style, subject_strength, style_strength, alpha, beta, pattern, scope,
+map_steps) and its validation are ``nodes/preview_params.py``.
 
 Every problem with the request is a 400 with ``{"error": {"type", "param",
 "message"}}``; files that cannot be fused (no shared layer, corrupt file) are
@@ -45,10 +33,7 @@ import asyncio
 import io
 import json
 import logging
-import math
-import ntpath
 import os
-import posixpath
 import sys
 import threading
 from collections import OrderedDict
@@ -56,178 +41,17 @@ from dataclasses import dataclass, replace
 
 from ..klora_core import schedule
 from ..klora_core.errors import KLoRAError
+from .preview_params import SCOPE_ATTENTION, PreviewParams, PreviewRequestError, parse_params
 
 logger = logging.getLogger(__name__)
 
 ROUTE_JSON = "/klora/preview"
 ROUTE_PNG = "/klora/preview.png"
 
-SCOPE_ATTENTION = "attention projections"  # same strings as nodes/fuse.py (kept import-light here)
-SCOPE_ALL = "all shared weights"
-SCOPES = (SCOPE_ATTENTION, SCOPE_ALL)
-
-STRENGTH_RANGE = (-100.0, 100.0)
-ALPHA_RANGE = (0.0, 10.0)
-BETA_RANGE = (-1.0, 10.0)
-STEPS_RANGE = (1, 150)
 MAX_BODY_BYTES = 64 * 1024
-MAX_NAME_CHARS = 1024
 
 #: Pairs of files (x scope) whose scores are kept.
 CACHE_PAIRS = 16
-
-PARAMS = ("subject", "style", "subject_strength", "style_strength", "alpha", "beta", "pattern", "scope",
-          "map_steps")
-
-
-class PreviewRequestError(Exception):
-    """A bad request parameter (HTTP 400)."""
-
-    def __init__(self, param, message, status=400, kind="invalid_parameter"):
-        super().__init__(message)
-        self.param = param
-        self.message = message
-        self.status = status
-        self.kind = kind
-
-    def payload(self) -> dict:
-        error = {"type": self.kind, "message": self.message}
-        if self.param is not None:
-            error["param"] = self.param
-        return {"error": error}
-
-
-@dataclass(frozen=True)
-class PreviewParams:
-    subject: str
-    style: str
-    subject_strength: float = 1.0
-    style_strength: float = 1.0
-    alpha: float = 1.5
-    beta: float = -1.0
-    pattern: str = schedule.PATTERN_S
-    scope: str = SCOPE_ATTENTION
-    map_steps: int = 20
-
-    @property
-    def resolved_beta(self) -> float:
-        return schedule.DEFAULTS[self.pattern][1] if self.beta < 0 else self.beta
-
-
-# ---------------------------------------------------------------- validation
-
-
-def _lora_names() -> list:
-    import folder_paths
-
-    return list(folder_paths.get_filename_list("loras"))
-
-
-def _check_name(param: str, value, names) -> str:
-    if value is None:
-        raise PreviewRequestError(param, f"{param} is required: the name of a LoRA file in ComfyUI's loras folder")
-    if not isinstance(value, str):
-        raise PreviewRequestError(param, f"{param} must be a string (a LoRA file name), got {type(value).__name__}")
-    if not value.strip():
-        raise PreviewRequestError(param, f"{param} must not be empty")
-    if len(value) > MAX_NAME_CHARS or "\x00" in value:
-        raise PreviewRequestError(param, f"{param} is not a valid file name")
-    if posixpath.isabs(value) or ntpath.isabs(value) or ntpath.splitdrive(value)[0] or value.startswith("~"):
-        raise PreviewRequestError(param, f"{param} must be a name from ComfyUI's loras folder, not an absolute path")
-    if any(part == ".." for part in value.replace("\\", "/").split("/")):
-        raise PreviewRequestError(param, f"{param} must be a name from ComfyUI's loras folder; '..' is not allowed")
-    if value not in names:
-        raise PreviewRequestError(
-            param, f"{param}: '{value}' is not in ComfyUI's loras folder (put the file there and refresh)",
-            kind="unknown_lora")
-    return value
-
-
-def _check_number(param: str, value, default: float, lo: float, hi: float, from_query: bool) -> float:
-    if value is None:
-        return default
-    if isinstance(value, bool):
-        raise PreviewRequestError(param, f"{param} must be a number, got {json.dumps(value)}")
-    if isinstance(value, str) and from_query:
-        try:
-            number = float(value.strip())
-        except ValueError:
-            raise PreviewRequestError(param, f"{param} must be a number, got {value[:40]!r}") from None
-    elif isinstance(value, (int, float)):
-        try:
-            number = float(value)
-        except OverflowError:  # a JSON integer beyond float range (e.g. 10**400)
-            number = math.inf if value > 0 else -math.inf
-    else:
-        raise PreviewRequestError(param, f"{param} must be a number, got {type(value).__name__}")
-    if not math.isfinite(number):
-        raise PreviewRequestError(param, f"{param} must be a finite number, got {value!r}")
-    if not lo <= number <= hi:
-        raise PreviewRequestError(param, f"{param} must be between {lo:g} and {hi:g}, got {number:g}")
-    return number
-
-
-def _check_int(param: str, value, default: int, lo: int, hi: int, from_query: bool) -> int:
-    if value is None:
-        return default
-    if isinstance(value, bool):
-        raise PreviewRequestError(param, f"{param} must be an integer, got {json.dumps(value)}")
-    if isinstance(value, str) and from_query:
-        text = value.strip()
-        try:  # int() itself decides: "+-1" passes an isdigit() pre-check, "\u00b2" too, and both raise here
-            number = int(text) if text.isascii() else None
-        except ValueError:
-            number = None
-        if number is None:
-            raise PreviewRequestError(param, f"{param} must be an integer, got {value[:40]!r}")
-    elif isinstance(value, int):
-        number = value
-    elif isinstance(value, float) and value.is_integer():
-        number = int(value)
-    else:
-        raise PreviewRequestError(param, f"{param} must be an integer, got {value!r}"[:120])
-    if not lo <= number <= hi:
-        raise PreviewRequestError(param, f"{param} must be between {lo} and {hi}, got {number}")
-    return number
-
-
-def _check_choice(param: str, value, default: str, choices) -> str:
-    if value is None:
-        return default
-    if not isinstance(value, str) or value not in choices:
-        shown = value[:40] if isinstance(value, str) else value
-        raise PreviewRequestError(
-            param, f"{param} must be one of {', '.join(repr(c) for c in choices)}, got {shown!r}")
-    return value
-
-
-def parse_params(raw, from_query: bool, names=None) -> PreviewParams:
-    """Validate a request's parameters (query dict or JSON object) into :class:`PreviewParams`.
-
-    Raises PreviewRequestError (param + clear message) on the first problem.
-    ``names`` defaults to ComfyUI's list of LoRA files.
-    """
-    if not isinstance(raw, dict):
-        raise PreviewRequestError(None, "the request body must be a JSON object")
-    unknown = sorted(str(k) for k in raw if k not in PARAMS)
-    if unknown:
-        raise PreviewRequestError(
-            unknown[0], f"unknown parameter(s) {', '.join(repr(u[:40]) for u in unknown[:5])}; "
-                        f"accepted: {', '.join(PARAMS)}")
-    names = set(_lora_names() if names is None else names)
-    return PreviewParams(
-        subject=_check_name("subject", raw.get("subject"), names),
-        style=_check_name("style", raw.get("style"), names),
-        subject_strength=_check_number("subject_strength", raw.get("subject_strength"), 1.0, *STRENGTH_RANGE,
-                                       from_query),
-        style_strength=_check_number("style_strength", raw.get("style_strength"), 1.0, *STRENGTH_RANGE,
-                                     from_query),
-        alpha=_check_number("alpha", raw.get("alpha"), 1.5, *ALPHA_RANGE, from_query),
-        beta=_check_number("beta", raw.get("beta"), -1.0, *BETA_RANGE, from_query),
-        pattern=_check_choice("pattern", raw.get("pattern"), schedule.PATTERN_S, schedule.PATTERNS),
-        scope=_check_choice("scope", raw.get("scope"), SCOPE_ATTENTION, SCOPES),
-        map_steps=_check_int("map_steps", raw.get("map_steps"), 20, *STEPS_RANGE, from_query),
-    )
 
 
 # ---------------------------------------------------------------- scoring + cache
@@ -311,25 +135,29 @@ def _score(subject_path: str, style_path: str, p: PreviewParams) -> _Scored:
     )
 
 
+def _cached(key: tuple):
+    """The cached scores for ``key`` (then the most recently used entry, counted as a hit), or None."""
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None:
+            _CACHE.move_to_end(key)
+            _STATS["hits"] += 1
+        return hit
+
+
 def scored_pair(p: PreviewParams):
     """``(_Scored, cache_hit)`` for the request's files and scope (strength-1 scores, cached)."""
     from .lora_files import content_sha256
 
     subject_path, style_path = _full_path(p.subject), _full_path(p.style)
     key = (content_sha256(subject_path), content_sha256(style_path), p.scope)
-    with _CACHE_LOCK:
-        hit = _CACHE.get(key)
-        if hit is not None:
-            _CACHE.move_to_end(key)
-            _STATS["hits"] += 1
-            return hit, True
+    hit = _cached(key)
+    if hit is not None:
+        return hit, True
     with _SCORE_LOCK:
-        with _CACHE_LOCK:  # computed by a concurrent request meanwhile?
-            hit = _CACHE.get(key)
-            if hit is not None:
-                _CACHE.move_to_end(key)
-                _STATS["hits"] += 1
-                return hit, True
+        hit = _cached(key)  # computed by a concurrent request meanwhile?
+        if hit is not None:
+            return hit, True
         scored = _score(subject_path, style_path, p)
         with _CACHE_LOCK:
             _STATS["misses"] += 1
@@ -434,7 +262,6 @@ def preview_png(p: PreviewParams) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
-
 
 # ---------------------------------------------------------------- aiohttp glue
 
