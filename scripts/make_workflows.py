@@ -232,10 +232,76 @@ NOTE_COMMON = (
     "as you edit; after a run the node shows the same map for the real run.\n\n"
 )
 
+PROMPT = "a sks dog in watercolor painting style"
+NOTE_COLOR = ("#432", "#653")
+POSITIVE_COLOR = ("#232", "#353")
+NEGATIVE_COLOR = ("#322", "#533")
+
+
+def add_note(g: Graph, height: int, text: str) -> None:
+    """The explanation note left of the graph (frontend only; ``height`` in canvas pixels)."""
+    g.add("Note", [-420, 40], [380, height], {"text": text}, color=NOTE_COLOR)
+
+
+def add_lora_loaders(g: Graph, family: str, clip, subject_y: int, style_y: int) -> tuple:
+    """Load Subject LoRA -> Load Style LoRA at x = 0 (the example files of ``family``); ``clip`` feeds
+    the subject loader's CLIP input, the style loader takes the subject loader's.  Returns both node ids."""
+    subject = g.add("KLoRASubjectLoader", [0, subject_y], LOADER_SIZE,
+                    {"lora_name": f"subject_sks_dog_{family}.safetensors", "strength": 1.0, "strength_clip": 1.0},
+                    {"clip": clip})
+    style = g.add("KLoRAStyleLoader", [0, style_y], LOADER_SIZE,
+                  {"lora_name": f"style_watercolor_{family}.safetensors", "strength": 1.0, "strength_clip": 1.0},
+                  {"clip": (subject, 1)})
+    return subject, style
+
+
+def add_fuse(g: Graph, model, subject: int, style: int, pattern: str, beta: float, map_steps: int) -> int:
+    """K-LoRA Fuse with alpha 1.5, attention projections, both LoRAs outside the scope, noise-level progress."""
+    return g.add("KLoRAFuse", [380, 40], FUSE_SIZE,
+                 {"pattern": pattern, "alpha": 1.5, "beta": beta, "scope": "attention projections",
+                  "outside_scope": "both", "progress_measure": "noise level", "map_steps": map_steps},
+                 {"model": model, "subject": (subject, 0), "style": (style, 0)})
+
+
+def add_prompt(g: Graph, clip, y: int, title: str) -> int:
+    """The positive prompt (:data:`PROMPT`) at (0, y)."""
+    return g.add("CLIPTextEncode", [0, y], [380, 120], {"text": PROMPT}, {"clip": clip}, title=title,
+                 color=POSITIVE_COLOR)
+
+
+def checkpoint_front(g: Graph, ckpt_name: str, family: str, map_steps: int, negative: str) -> tuple:
+    """The SD1.5/SDXL layout: checkpoint -> LoRA loaders -> K-LoRA Fuse (pattern s, beta -1) and the
+    positive and negative prompts.  Returns the node ids ``(ckpt, fuse, positive, negative)``."""
+    ckpt = g.add("CheckpointLoaderSimple", [0, 40], [320, 100], {"ckpt_name": ckpt_name})
+    subject, style = add_lora_loaders(g, family, (ckpt, 1), 200, 380)
+    fuse = add_fuse(g, (ckpt, 0), subject, style, "s", -1.0, map_steps)
+    pos = add_prompt(g, (style, 1), 560, "Positive prompt")
+    neg = g.add("CLIPTextEncode", [0, 730], [380, 100], {"text": negative}, {"clip": (style, 1)},
+                title="Negative prompt", color=NEGATIVE_COLOR)
+    return ckpt, fuse, pos, neg
+
+
+def add_empty_latent(g: Graph, node_type: str, size: int) -> int:
+    """An empty ``size`` x ``size`` pixel latent, batch 1 (``EmptyLatentImage`` or ``EmptySD3LatentImage``)."""
+    return g.add(node_type, [380, 800], [300, 110], {"width": size, "height": size, "batch_size": 1})
+
+
+def add_sampling(g: Graph, fuse: int, positive, negative, latent, vae, steps: int, cfg: float, scheduler: str,
+                 denoise: float, prefix: str) -> None:
+    """KSampler (seed 0, euler) on the fused model -> VAE Decode -> Save Image (``prefix``), and a
+    Preview Image of K-LoRA Fuse's selection map."""
+    sampler = g.add("KSampler", [820, 40], [300, 270],
+                    {"seed": 0, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": scheduler,
+                     "denoise": denoise},
+                    {"model": (fuse, 0), "positive": positive, "negative": negative, "latent_image": latent})
+    decode = g.add("VAEDecode", [820, 360], [220, 50], links={"samples": (sampler, 0), "vae": vae})
+    g.add("SaveImage", [1180, 40], [400, 440], {"filename_prefix": prefix}, {"images": (decode, 0)})
+    g.add("PreviewImage", [820, 460], [320, 360], links={"images": (fuse, 2)}, title="Selection map")
+
 
 def sdxl() -> Graph:
     g = Graph("klora_sdxl_subject_style")
-    g.add("Note", [-420, 40], [380, 420], {"text": (
+    add_note(g, 420, (
         "K-LoRA on SDXL: the paper's setting\n\n"
         "Load:\n"
         "- models/checkpoints/sd_xl_base_1.0.safetensors (SDXL base 1.0)\n"
@@ -247,36 +313,16 @@ def sdxl() -> Graph:
         + NOTE_COMMON +
         "Defaults as in the paper: pattern s, alpha 1.5, beta -1 (= 0.5), attention projections, "
         "50 steps (set map_steps to your step count). Higher beta or alpha favours the style."
-    )}, color=("#432", "#653"))
-    ckpt = g.add("CheckpointLoaderSimple", [0, 40], [320, 100], {"ckpt_name": "sd_xl_base_1.0.safetensors"})
-    subject = g.add("KLoRASubjectLoader", [0, 200], LOADER_SIZE,
-                    {"lora_name": "subject_sks_dog_sdxl.safetensors", "strength": 1.0, "strength_clip": 1.0},
-                    {"clip": (ckpt, 1)})
-    style = g.add("KLoRAStyleLoader", [0, 380], LOADER_SIZE,
-                  {"lora_name": "style_watercolor_sdxl.safetensors", "strength": 1.0, "strength_clip": 1.0},
-                  {"clip": (subject, 1)})
-    fuse = g.add("KLoRAFuse", [380, 40], FUSE_SIZE,
-                 {"pattern": "s", "alpha": 1.5, "beta": -1.0, "scope": "attention projections",
-                  "outside_scope": "both", "progress_measure": "noise level", "map_steps": 50},
-                 {"model": (ckpt, 0), "subject": (subject, 0), "style": (style, 0)})
-    pos = g.add("CLIPTextEncode", [0, 560], [380, 120], {"text": "a sks dog in watercolor painting style"},
-                {"clip": (style, 1)}, title="Positive prompt", color=("#232", "#353"))
-    neg = g.add("CLIPTextEncode", [0, 730], [380, 100], {"text": ""}, {"clip": (style, 1)},
-                title="Negative prompt", color=("#322", "#533"))
-    latent = g.add("EmptyLatentImage", [380, 800], [300, 110], {"width": 1024, "height": 1024, "batch_size": 1})
-    sampler = g.add("KSampler", [820, 40], [300, 270],
-                    {"seed": 0, "steps": 50, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
-                     "denoise": 1.0},
-                    {"model": (fuse, 0), "positive": (pos, 0), "negative": (neg, 0), "latent_image": (latent, 0)})
-    decode = g.add("VAEDecode", [820, 360], [220, 50], links={"samples": (sampler, 0), "vae": (ckpt, 2)})
-    g.add("SaveImage", [1180, 40], [400, 440], {"filename_prefix": "klora/sdxl"}, {"images": (decode, 0)})
-    g.add("PreviewImage", [820, 460], [320, 360], links={"images": (fuse, 2)}, title="Selection map")
+    ))
+    ckpt, fuse, pos, neg = checkpoint_front(g, "sd_xl_base_1.0.safetensors", "sdxl", 50, "")
+    latent = add_empty_latent(g, "EmptyLatentImage", 1024)
+    add_sampling(g, fuse, (pos, 0), (neg, 0), (latent, 0), (ckpt, 2), 50, 5.0, "normal", 1.0, "klora/sdxl")
     return g
 
 
 def flux() -> Graph:
     g = Graph("klora_flux_s_star")
-    g.add("Note", [-420, 40], [380, 460], {"text": (
+    add_note(g, 460, (
         "K-LoRA on FLUX.1 with pattern s* (the paper's supplement; the authors' scripts default to it)\n\n"
         "Load:\n"
         "- models/diffusion_models/flux1-dev.safetensors\n"
@@ -289,41 +335,25 @@ def flux() -> Graph:
         "s*: scale(p) = (alpha*p + beta) mod alpha with alpha 1.5, beta 1.275 (= 0.85 * alpha): the style "
         "leads the first ~15% of the steps (colours, background), then the subject, then the style again. "
         "FLUX LoRAs rarely train the text encoders: the CLIP chain through the loaders is harmless."
-    )}, color=("#432", "#653"))
+    ))
     unet = g.add("UNETLoader", [0, 40], [320, 90], {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"})
     clip = g.add("DualCLIPLoader", [0, 170], [320, 130],
                  {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors", "type": "flux",
                   "device": "default"})
     vae = g.add("VAELoader", [0, 340], [320, 60], {"vae_name": "ae.safetensors"})
-    subject = g.add("KLoRASubjectLoader", [0, 440], LOADER_SIZE,
-                    {"lora_name": "subject_sks_dog_flux.safetensors", "strength": 1.0, "strength_clip": 1.0},
-                    {"clip": (clip, 0)})
-    style = g.add("KLoRAStyleLoader", [0, 610], LOADER_SIZE,
-                  {"lora_name": "style_watercolor_flux.safetensors", "strength": 1.0, "strength_clip": 1.0},
-                  {"clip": (subject, 1)})
-    fuse = g.add("KLoRAFuse", [380, 40], FUSE_SIZE,
-                 {"pattern": "s*", "alpha": 1.5, "beta": 1.275, "scope": "attention projections",
-                  "outside_scope": "both", "progress_measure": "noise level", "map_steps": 28},
-                 {"model": (unet, 0), "subject": (subject, 0), "style": (style, 0)})
-    pos = g.add("CLIPTextEncode", [0, 800], [380, 120], {"text": "a sks dog in watercolor painting style"},
-                {"clip": (style, 1)}, title="Prompt", color=("#232", "#353"))
+    subject, style = add_lora_loaders(g, "flux", (clip, 0), 440, 610)
+    fuse = add_fuse(g, (unet, 0), subject, style, "s*", 1.275, 28)
+    pos = add_prompt(g, (style, 1), 800, "Prompt")
     guidance = g.add("FluxGuidance", [0, 970], [300, 60], {"guidance": 3.5}, {"conditioning": (pos, 0)})
     negative = g.add("ConditioningZeroOut", [0, 1080], [240, 30], links={"conditioning": (pos, 0)})
-    latent = g.add("EmptySD3LatentImage", [380, 800], [300, 110], {"width": 1024, "height": 1024, "batch_size": 1})
-    sampler = g.add("KSampler", [820, 40], [300, 270],
-                    {"seed": 0, "steps": 28, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
-                     "denoise": 1.0},
-                    {"model": (fuse, 0), "positive": (guidance, 0), "negative": (negative, 0),
-                     "latent_image": (latent, 0)})
-    decode = g.add("VAEDecode", [820, 360], [220, 50], links={"samples": (sampler, 0), "vae": (vae, 0)})
-    g.add("SaveImage", [1180, 40], [400, 440], {"filename_prefix": "klora/flux"}, {"images": (decode, 0)})
-    g.add("PreviewImage", [820, 460], [320, 360], links={"images": (fuse, 2)}, title="Selection map")
+    latent = add_empty_latent(g, "EmptySD3LatentImage", 1024)
+    add_sampling(g, fuse, (guidance, 0), (negative, 0), (latent, 0), (vae, 0), 28, 1.0, "simple", 1.0, "klora/flux")
     return g
 
 
 def sd15() -> Graph:
     g = Graph("klora_sd15")
-    g.add("Note", [-420, 40], [380, 400], {"text": (
+    add_note(g, 400, (
         "K-LoRA on Stable Diffusion 1.5\n\n"
         "Load:\n"
         "- models/checkpoints/v1-5-pruned-emaonly-fp16.safetensors (or any SD1.5 checkpoint)\n"
@@ -333,37 +363,17 @@ def sd15() -> Graph:
         "and class, 'watercolor painting style' the style LoRA's trigger words; use your LoRAs' own.\n\n"
         + NOTE_COMMON +
         "Pattern s, alpha 1.5, beta -1 (= 0.5), 30 steps (map_steps = 30)."
-    )}, color=("#432", "#653"))
-    ckpt = g.add("CheckpointLoaderSimple", [0, 40], [320, 100],
-                 {"ckpt_name": "v1-5-pruned-emaonly-fp16.safetensors"})
-    subject = g.add("KLoRASubjectLoader", [0, 200], LOADER_SIZE,
-                    {"lora_name": "subject_sks_dog_sd15.safetensors", "strength": 1.0, "strength_clip": 1.0},
-                    {"clip": (ckpt, 1)})
-    style = g.add("KLoRAStyleLoader", [0, 380], LOADER_SIZE,
-                  {"lora_name": "style_watercolor_sd15.safetensors", "strength": 1.0, "strength_clip": 1.0},
-                  {"clip": (subject, 1)})
-    fuse = g.add("KLoRAFuse", [380, 40], FUSE_SIZE,
-                 {"pattern": "s", "alpha": 1.5, "beta": -1.0, "scope": "attention projections",
-                  "outside_scope": "both", "progress_measure": "noise level", "map_steps": 30},
-                 {"model": (ckpt, 0), "subject": (subject, 0), "style": (style, 0)})
-    pos = g.add("CLIPTextEncode", [0, 560], [380, 120], {"text": "a sks dog in watercolor painting style"},
-                {"clip": (style, 1)}, title="Positive prompt", color=("#232", "#353"))
-    neg = g.add("CLIPTextEncode", [0, 730], [380, 100], {"text": "blurry, low quality"}, {"clip": (style, 1)},
-                title="Negative prompt", color=("#322", "#533"))
-    latent = g.add("EmptyLatentImage", [380, 800], [300, 110], {"width": 512, "height": 512, "batch_size": 1})
-    sampler = g.add("KSampler", [820, 40], [300, 270],
-                    {"seed": 0, "steps": 30, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal",
-                     "denoise": 1.0},
-                    {"model": (fuse, 0), "positive": (pos, 0), "negative": (neg, 0), "latent_image": (latent, 0)})
-    decode = g.add("VAEDecode", [820, 360], [220, 50], links={"samples": (sampler, 0), "vae": (ckpt, 2)})
-    g.add("SaveImage", [1180, 40], [400, 440], {"filename_prefix": "klora/sd15"}, {"images": (decode, 0)})
-    g.add("PreviewImage", [820, 460], [320, 360], links={"images": (fuse, 2)}, title="Selection map")
+    ))
+    ckpt, fuse, pos, neg = checkpoint_front(g, "v1-5-pruned-emaonly-fp16.safetensors", "sd15", 30,
+                                            "blurry, low quality")
+    latent = add_empty_latent(g, "EmptyLatentImage", 512)
+    add_sampling(g, fuse, (pos, 0), (neg, 0), (latent, 0), (ckpt, 2), 30, 7.5, "normal", 1.0, "klora/sd15")
     return g
 
 
 def img2img() -> Graph:
     g = Graph("klora_img2img")
-    g.add("Note", [-420, 40], [380, 480], {"text": (
+    add_note(g, 480, (
         "K-LoRA image-to-image (SD1.5)\n\n"
         "Load:\n"
         "- models/checkpoints/v1-5-pruned-emaonly-fp16.safetensors (or any SD1.5 checkpoint)\n"
@@ -376,35 +386,15 @@ def img2img() -> Graph:
         "'noise level' measures K-LoRA's progress p on the model's own schedule, so the run starts at "
         "p of about 0.4 and the subject-only early steps are skipped: the style is stronger than in "
         "text-to-image. Lower beta (e.g. 0.3) to give the subject more weight."
-    )}, color=("#432", "#653"))
-    ckpt = g.add("CheckpointLoaderSimple", [0, 40], [320, 100],
-                 {"ckpt_name": "v1-5-pruned-emaonly-fp16.safetensors"})
-    subject = g.add("KLoRASubjectLoader", [0, 200], LOADER_SIZE,
-                    {"lora_name": "subject_sks_dog_sd15.safetensors", "strength": 1.0, "strength_clip": 1.0},
-                    {"clip": (ckpt, 1)})
-    style = g.add("KLoRAStyleLoader", [0, 380], LOADER_SIZE,
-                  {"lora_name": "style_watercolor_sd15.safetensors", "strength": 1.0, "strength_clip": 1.0},
-                  {"clip": (subject, 1)})
-    fuse = g.add("KLoRAFuse", [380, 40], FUSE_SIZE,
-                 {"pattern": "s", "alpha": 1.5, "beta": -1.0, "scope": "attention projections",
-                  "outside_scope": "both", "progress_measure": "noise level", "map_steps": 30},
-                 {"model": (ckpt, 0), "subject": (subject, 0), "style": (style, 0)})
-    pos = g.add("CLIPTextEncode", [0, 560], [380, 120], {"text": "a sks dog in watercolor painting style"},
-                {"clip": (style, 1)}, title="Positive prompt", color=("#232", "#353"))
-    neg = g.add("CLIPTextEncode", [0, 730], [380, 100], {"text": "blurry, low quality"}, {"clip": (style, 1)},
-                title="Negative prompt", color=("#322", "#533"))
+    ))
+    ckpt, fuse, pos, neg = checkpoint_front(g, "v1-5-pruned-emaonly-fp16.safetensors", "sd15", 30,
+                                            "blurry, low quality")
     image = g.add("LoadImage", [380, 800], [300, 320], {"image": "example.png"})
     scaled = g.add("ImageScale", [380, 1160], [300, 130],
                    {"upscale_method": "bicubic", "width": 512, "height": 512, "crop": "center"},
                    {"image": (image, 0)})
     encode = g.add("VAEEncode", [820, 880], [220, 50], links={"pixels": (scaled, 0), "vae": (ckpt, 2)})
-    sampler = g.add("KSampler", [820, 40], [300, 270],
-                    {"seed": 0, "steps": 30, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal",
-                     "denoise": 0.6},
-                    {"model": (fuse, 0), "positive": (pos, 0), "negative": (neg, 0), "latent_image": (encode, 0)})
-    decode = g.add("VAEDecode", [820, 360], [220, 50], links={"samples": (sampler, 0), "vae": (ckpt, 2)})
-    g.add("SaveImage", [1180, 40], [400, 440], {"filename_prefix": "klora/img2img"}, {"images": (decode, 0)})
-    g.add("PreviewImage", [820, 460], [320, 360], links={"images": (fuse, 2)}, title="Selection map")
+    add_sampling(g, fuse, (pos, 0), (neg, 0), (encode, 0), (ckpt, 2), 30, 7.5, "normal", 0.6, "klora/img2img")
     return g
 
 
