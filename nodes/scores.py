@@ -1,5 +1,9 @@
 """Scores of a parsed LoRA pair inside ComfyUI, computed once and cached.
 
+Low-rank pairs are scored together with the exact batched scorer
+(:mod:`klora_core.batched`, on the model's load device); dense deltas (LoHa,
+LoKr, DoRA, ...) one weight at a time so at most one is held.
+
 The decision only needs, per shared weight, the top-K and L1 sums of both
 deltas at strength 1; strengths and the schedule (alpha, beta, pattern) are
 applied afterwards (:func:`scaled_details`), so changing them never rescores.
@@ -21,6 +25,7 @@ from comfy.weight_adapter.lora import LoRAAdapter
 from ..klora_core.errors import KLoRAError
 from ..klora_core.keys import display_key, weight_name
 from ..klora_core.plan import WeightScore
+from ..klora_core.batched import batched_delta_stats
 from ..klora_core.scoring import delta_stats
 from .units import is_parts, parts_patch_list, unit_offset
 
@@ -142,7 +147,9 @@ def score_units(units, subject_patches, style_patches, model_patcher, subject, s
         _SCORE_CACHE.move_to_end(cache_key)
     out = {}
     todo = [u for u in units if u not in cached]
-    for index, unit in enumerate(todo):
+    lowrank = []  # (unit, s_delta, t_delta, k, s_rank, t_rank): scored together below
+    done = 0
+    for unit in todo:
         s_delta, s_rank = _delta_and_rank(subject_patches[unit], unit, model_patcher, device, subject.label())
         t_delta, t_rank = _delta_and_rank(style_patches[unit], unit, model_patcher, device, style.label())
         s_numel = s_delta[0].shape[0] * s_delta[1].shape[1] if isinstance(s_delta, tuple) else s_delta.numel()
@@ -153,27 +160,66 @@ def score_units(units, subject_patches, style_patches, model_patcher, subject, s
                 f"{style.label()} delta has {t_numel}; the two files were trained for different models"
             )
         k = min(s_rank * t_rank, s_numel)
-        try:
-            s_stats = delta_stats(s_delta, k, display_key(unit))
-            t_stats = delta_stats(t_delta, k, display_key(unit))
-        except KLoRAError as exc:
-            raise KLoRAError(f"{subject.label()} / {style.label()}: {exc}") from None
-        except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
-            if not _is_out_of_memory(exc):
-                raise
-            raise KLoRAError(
-                f"out of memory while scoring layer {display_key(unit)} of {subject.label()} / {style.label()} "
-                f"on {device}; free memory (or unload other models) and run again. Nothing was patched."
-            ) from None
-        cached[unit] = WeightScore(
-            subject_topk=s_stats.topk_sum, style_topk=t_stats.topk_sum,
-            subject_l1=s_stats.l1, style_l1=t_stats.l1, k=k, subject_rank=s_rank, style_rank=t_rank,
-        )
+        if isinstance(s_delta, tuple) and isinstance(t_delta, tuple):
+            lowrank.append((unit, s_delta, t_delta, k, s_rank, t_rank))
+            continue
+        # A dense delta (LoHa, LoKr, DoRA, ...) is already materialised: score it now, then drop it,
+        # so at most one weight's dense delta is held.
+        s_stats, t_stats = _score_one(unit, s_delta, t_delta, k, subject, style, device)
+        cached[unit] = _weight_score(s_stats, t_stats, k, s_rank, t_rank)
+        done += 1
         if progress is not None:
-            progress(index + 1, len(todo))
+            progress(done, len(todo))
+    if lowrank:
+        for (unit, _, _, k, s_rank, t_rank), (s_stats, t_stats) in zip(
+                lowrank, _score_lowrank(lowrank, subject, style, device, done, len(todo), progress)):
+            cached[unit] = _weight_score(s_stats, t_stats, k, s_rank, t_rank)
     for unit in units:
         out[unit] = cached[unit]
     return out
+
+
+def _weight_score(s_stats, t_stats, k, s_rank, t_rank) -> WeightScore:
+    return WeightScore(subject_topk=s_stats.topk_sum, style_topk=t_stats.topk_sum, subject_l1=s_stats.l1,
+                       style_l1=t_stats.l1, k=k, subject_rank=s_rank, style_rank=t_rank)
+
+
+def _score_one(unit, s_delta, t_delta, k, subject, style, device):
+    """Per-layer scores of one unit; errors name the layer and both files."""
+    try:
+        return delta_stats(s_delta, k, display_key(unit)), delta_stats(t_delta, k, display_key(unit))
+    except KLoRAError as exc:
+        raise KLoRAError(f"{subject.label()} / {style.label()}: {exc}") from None
+    except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        if not _is_out_of_memory(exc):
+            raise
+        raise KLoRAError(
+            f"out of memory while scoring layer {display_key(unit)} of {subject.label()} / {style.label()} "
+            f"on {device}; free memory (or unload other models) and run again. Nothing was patched."
+        ) from None
+
+
+def _score_lowrank(lowrank, subject, style, device, done, total, progress):
+    """``[(subject stats, style stats)]`` for low-rank units, batched (klora_core.batched: exact, 3-4x faster
+    on CPU).  Out of memory there falls back to the per-layer path, which needs less and names the layer."""
+    items = []
+    for unit, s_delta, t_delta, k, _, _ in lowrank:
+        items.append((s_delta, k, display_key(unit)))
+        items.append((t_delta, k, display_key(unit)))
+    report = None
+    if progress is not None:
+        def report(finished, count):
+            progress(done + finished * len(lowrank) // count, total)
+    try:
+        stats = batched_delta_stats(items, progress=report)
+    except KLoRAError as exc:
+        raise KLoRAError(f"{subject.label()} / {style.label()}: {exc}") from None
+    except (MemoryError, RuntimeError) as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        logger.info("K-LoRA: batched scoring ran out of memory on %s; scoring layer by layer", device)
+        return [_score_one(unit, s, t, k, subject, style, device) for unit, s, t, k, _, _ in lowrank]
+    return [(stats[2 * i], stats[2 * i + 1]) for i in range(len(lowrank))]
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

@@ -38,8 +38,10 @@ from test_fuse_exact import _sample
 
 TESTS_DIR = Path(__file__).resolve().parent
 FAMILY = "sd15"
-#: Address space the OOM worker may add once its model is built (scoring txt_in needs about 200 MiB).
-OOM_HEADROOM_MIB = 96
+#: Address space the OOM worker may add once its model is built.  The batched scorer works in chunks
+#: of 4 Mi entries (16 MiB float32) whatever the layer size, so scoring txt_in needs about 20 MiB;
+#: the per-layer fallback needs about 200 MiB.  12 MiB makes both fail, as a full GPU would.
+OOM_HEADROOM_MIB = 12
 #: txt_in width of the OOM worker's FLUX-shaped model (txt_in weight: hidden 64 x this).
 OOM_CONTEXT_DIM = 262144
 
