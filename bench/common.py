@@ -94,6 +94,23 @@ def setup_comfy():
     return root, comfy_env
 
 
+def start_worker(quick: bool):
+    """What every benchmark process does first: settings, one torch thread, no denormals, ComfyUI (CPU).
+
+    Returns ``(settings, comfy_env)``; comfy.sd and comfy.utils are imported.
+    """
+    s = settings(quick)
+    single_thread()
+    import torch
+
+    torch.set_flush_denormal(True)
+    _, comfy_env = setup_comfy()
+    import comfy.sd  # noqa: F401
+    import comfy.utils  # noqa: F401
+
+    return s, comfy_env
+
+
 def build_model(config: dict, seed: int = 0):
     """A float32 SD1.5-class ModelPatcher on the CPU, weights N(0, 1/fan_in) (seeded), norms 1, biases 0.
 

@@ -61,15 +61,11 @@ def main() -> int:
     ap.add_argument("--json", required=True)
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    s = common.settings(args.quick)
-    common.single_thread()
-    import psutil
-    import torch
-
-    torch.set_flush_denormal(True)
-    root, comfy_env = common.setup_comfy()
+    s, comfy_env = common.start_worker(args.quick)
     import comfy.sd
     import comfy.utils
+    import torch
+    import psutil
 
     base = common.build_model(s["model"])
     conds = common.conds_and_latent(s["model"], s["latent"])

@@ -146,14 +146,10 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
 
-    s = common.settings(args.quick)
-    common.single_thread()
-    import torch
-
-    torch.set_flush_denormal(True)
-    root, comfy_env = common.setup_comfy()
+    s, comfy_env = common.start_worker(args.quick)
     import comfy.sd
     import comfy.utils
+    import torch
 
     import peer as peer_mod
 
