@@ -20,7 +20,7 @@ from .lora_keys import load_lora_patches
 from .patching import MODE_BAKE, MODE_LIVE, MODES, FuseRun, install, make_switches
 from .progress import MEASURE_NOISE, MEASURES
 from .scores import score_units, scaled_details
-from .units import expand, unify_layouts
+from .units import expand, unify_layouts, unit_offset
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def _check_shapes(handle: LoRAHandle, patches: dict, model_sd: dict) -> None:
                 f"{handle.label()}: layer {display_key(unit)}: up {tuple(up.shape)} and down "
                 f"{tuple(down.shape)} do not share a rank; the file is corrupt"
             )
-        offset = unit[1] if not isinstance(unit, str) and len(unit) > 1 else None
+        offset, _ = unit_offset(unit)
         rows = offset[2] if offset is not None and offset[0] == 0 else weight.shape[0]
         cols = weight[0].numel() if weight.dim() > 1 else 1
         if mid is None and (up.shape[0] != rows or down.flatten(1).shape[1] != cols):
@@ -101,7 +101,7 @@ def _model_order(model_sd: dict, units) -> list:
     order = {name: i for i, name in enumerate(model_sd)}
 
     def sort_key(unit):
-        offset = None if isinstance(unit, str) else unit[1]
+        offset, _ = unit_offset(unit)
         return order.get(weight_name(unit), len(order)), (offset[1] if offset else -1)
 
     return sorted(units, key=sort_key)

@@ -44,6 +44,7 @@ from ..klora_core.keys import weight_name
 from ..klora_core.tracker import ChoiceTracker
 from .progress import MEASURE_NOISE, ProgressMeter, current_sigma
 from .switch import KLoRASwitch
+from .units import patch_entry
 
 logger = logging.getLogger(__name__)
 
@@ -150,16 +151,12 @@ class LiveSwitches:
 
     def __init__(self, name: str, entries: list):
         self.name = name
-        self.entries = entries  # [(unit_key, KLoRASwitch)]
+        # Built once: the switches inside read the current choice at every call.
+        self.patches = [patch_entry(unit, switch, 1.0) for unit, switch in entries]  # entries: [(unit_key, switch)]
 
     def __call__(self, weight):
         work = weight.to(torch.float32, copy=True)
-        patches = []
-        for unit, switch in self.entries:
-            offset = None if isinstance(unit, str) else unit[1]
-            function = unit[2] if not isinstance(unit, str) and len(unit) > 2 else None
-            patches.append((1.0, switch, 1.0, offset, function))
-        out = comfy.lora.calculate_weight(patches, work, self.name)
+        out = comfy.lora.calculate_weight(self.patches, work, self.name)
         return out.to(weight.dtype)
 
 

@@ -26,7 +26,7 @@ from ..klora_core.errors import KLoRAError
 from ..klora_core.keys import display_key, weight_name
 from ..klora_core.plan import WeightScore
 from ..klora_core.batched import batched_delta_stats
-from ..klora_core.scoring import delta_stats
+from ..klora_core.scoring import delta_shape2d, delta_stats
 from .units import is_parts, parts_patch_list, unit_offset
 
 logger = logging.getLogger(__name__)
@@ -104,13 +104,9 @@ def _delta_and_rank(value, unit_key, model_patcher, device, label):
     factors = factors_of(value)
     if factors is not None:
         up, down, scale, rank = factors
+        # Rank agreement of up and down was checked for every LoRA patch by fuse._check_shapes.
         up2 = up.to(device=device, dtype=torch.float32).flatten(1) * scale
         down2 = down.to(device=device, dtype=torch.float32).flatten(1)
-        if up2.shape[1] != down2.shape[0]:
-            raise KLoRAError(
-                f"{label}: layer {display_key(unit_key)}: up has rank {up2.shape[1]} but down has rank "
-                f"{down2.shape[0]}; the file is corrupt"
-            )
         return (up2, down2), rank
     if is_parts(value):
         dense = dense_delta(value, unit_key, model_patcher, device)
@@ -152,14 +148,14 @@ def score_units(units, subject_patches, style_patches, model_patcher, subject, s
     for unit in todo:
         s_delta, s_rank = _delta_and_rank(subject_patches[unit], unit, model_patcher, device, subject.label())
         t_delta, t_rank = _delta_and_rank(style_patches[unit], unit, model_patcher, device, style.label())
-        s_numel = s_delta[0].shape[0] * s_delta[1].shape[1] if isinstance(s_delta, tuple) else s_delta.numel()
-        t_numel = t_delta[0].shape[0] * t_delta[1].shape[1] if isinstance(t_delta, tuple) else t_delta.numel()
-        if s_numel != t_numel:
+        s_shape = delta_shape2d(s_delta, display_key(unit))
+        t_shape = delta_shape2d(t_delta, display_key(unit))
+        if s_shape != t_shape:
             raise KLoRAError(
-                f"layer {display_key(unit)}: the {subject.label()} delta has {s_numel} entries but the "
-                f"{style.label()} delta has {t_numel}; the two files were trained for different models"
+                f"layer {display_key(unit)}: the {subject.label()} delta is {s_shape[0]}x{s_shape[1]} but the "
+                f"{style.label()} delta is {t_shape[0]}x{t_shape[1]}; the two files were trained for different models"
             )
-        k = min(s_rank * t_rank, s_numel)
+        k = min(s_rank * t_rank, s_shape[0] * s_shape[1])
         if isinstance(s_delta, tuple) and isinstance(t_delta, tuple):
             lowrank.append((unit, s_delta, t_delta, k, s_rank, t_rank))
             continue

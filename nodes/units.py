@@ -36,13 +36,15 @@ def is_parts(value) -> bool:
     return isinstance(value, tuple) and len(value) == 2 and value[0] == PARTS_TAG
 
 
+def patch_entry(unit_key, value, strength: float) -> tuple:
+    """The ComfyUI patch tuple ``(strength, value, strength_model, offset, function)`` for one unit."""
+    offset, function = unit_offset(unit_key)
+    return (strength, value, 1.0, offset, function)
+
+
 def parts_patch_list(value, strength: float) -> list:
-    """ComfyUI patch tuples ``(strength, value, strength_model, offset, function)`` of a parts bundle."""
-    out = []
-    for unit_key, part in value[1]:
-        offset, function = unit_offset(unit_key)
-        out.append((strength, part, 1.0, offset, function))
-    return out
+    """ComfyUI patch tuples of a parts bundle."""
+    return [patch_entry(unit_key, part, strength) for unit_key, part in value[1]]
 
 
 def unify_layouts(subject: dict, style: dict):
