@@ -258,7 +258,7 @@ def run_inspect(args) -> int:
     """``inspect``: everything :func:`run_map` shows, plus formats, family, gamma details, K and key lists."""
     import json
 
-    from .gamma import OUTLIER_FACTOR
+    from .gamma import OUTLIER_FACTOR, trimming
     from .plan import build_plan
     from .render import _schedule_text, render_selection_map
 
@@ -292,8 +292,7 @@ def run_inspect(args) -> int:
     shared = [k for k in s_keys if k in t_set]
     outside = [k for k in shared if k not in plan.details]
     ratios = list(plan.ratios.values())
-    first_mean = sum(ratios) / len(ratios)
-    dropped = sum(1 for r in ratios if r >= OUTLIER_FACTOR * first_mean)
+    first_mean, dropped = trimming(ratios)
 
     out = []
     for role, path, fact, keys in (("subject", info["paths"][0], facts[0], s_keys),

@@ -54,6 +54,13 @@ def compute_gamma(ratios: Iterable[float], subject_name: str = "subject", style_
     return gamma
 
 
+def trimming(ratios) -> tuple[float, int]:
+    """``(first mean, number of ratios dropped as outliers)``, as :func:`compute_gamma` trims them."""
+    values = [float(r) for r in ratios]
+    first = sum(values) / len(values)
+    return first, sum(1 for v in values if not v < OUTLIER_FACTOR * first)
+
+
 def ratios_from_l1(l1: Mapping[str, tuple[float, float]]) -> dict[str, float]:
     """Per-key ratios from ``{key: (subject_l1, style_l1)}``, skipping keys where both are zero."""
     out = {}

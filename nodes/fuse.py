@@ -13,6 +13,7 @@ import comfy.utils
 
 from ..klora_core import schedule
 from ..klora_core.errors import KLoRAError
+from ..klora_core.gamma import trimming
 from ..klora_core.keys import display_key, is_attention_projection, weight_name
 from ..klora_core.plan import plan_from_scores
 from .lora_files import LoRAHandle
@@ -253,7 +254,7 @@ def _report(model_patcher, subject, style, plan, stats, switched, outside, outsi
         last = plan.choose(1.0 - 1e-9)
         n_first = sum(first.values())
         n_last = sum(last.values())
-        dropped = sum(1 for r in plan.ratios.values() if r >= 3 * (sum(plan.ratios.values()) / len(plan.ratios)))
+        _, dropped = trimming(plan.ratios.values())
         lines.append(f"gamma {plan.gamma:.6g} (from {len(plan.ratios)} shared weights, {dropped} outliers dropped)")
         lines.append(f"{len(switched)} weights switch per step: first step {n_first} subject / "
                      f"{len(switched) - n_first} style; last step {n_last} subject / {len(switched) - n_last} style")
