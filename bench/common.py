@@ -88,7 +88,7 @@ def setup_comfy():
     """Import ComfyUI (CPU) through the tests' helper; return (comfy root, pack module loader)."""
     if str(TESTS_DIR) not in sys.path:
         sys.path.insert(0, str(TESTS_DIR))
-    import comfy_env  # tests/comfy_env.py
+    from support import comfy_env  # tests/comfy_env.py
 
     root = comfy_env.setup_comfy()
     return root, comfy_env
@@ -146,7 +146,7 @@ def count_params(model_patcher) -> int:
 
 def make_pair_files(model_patcher, rank: int, folder: Path):
     """Write a seeded subject and style LoRA (kohya names, every attention projection) and return their paths."""
-    import lora_factory  # tests/lora_factory.py
+    from support import lora_factory  # tests/lora_factory.py
 
     paths = []
     for role, seed in (("subject", 1000 + rank), ("style", 2000 + rank)):

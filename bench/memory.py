@@ -73,7 +73,7 @@ def main() -> int:
         subj_path, style_path = common.make_pair_files(base, args.rank, Path(tmp))
         if args.method == "klora":
             fuse_mod = comfy_env.import_pack_module("nodes.fuse")
-            files_mod = comfy_env.import_pack_module("nodes.lora_files")
+            files_mod = comfy_env.import_pack_module("nodes.handles")
         elif args.method == "peer":
             import peer as peer_mod
         gc.collect()

@@ -154,7 +154,7 @@ def main() -> int:
     import peer as peer_mod
 
     fuse_mod = comfy_env.import_pack_module("nodes.fuse")
-    files_mod = comfy_env.import_pack_module("nodes.lora_files")
+    files_mod = comfy_env.import_pack_module("nodes.handles")
 
     t0 = time.perf_counter()
     base = common.build_model(s["model"])

@@ -1,7 +1,7 @@
-"""``python -m klora_core``: the K-LoRA command line (see :mod:`klora_core.cli`)."""
+"""``python -m klora_core``: the K-LoRA command line (see :mod:`klora_core.cli.main`)."""
 import sys
 
-from .cli import main
+from .cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -82,7 +82,7 @@ _ATTENTION = re.compile(
     r"(?:to_q|to_k|to_v|to_out_0|to_out|add_q_proj|add_k_proj|add_v_proj|to_add_out|"
     r"q_proj|k_proj|v_proj|o_proj|out_proj|qkv|qkv_proj|to_qkv|to_kv|proj)$"
     # FLUX single-stream blocks fuse q/k/v (+ MLP in) into linear1 and out (+ MLP out) into
-    # linear2; like klora_core.keys, count them as attention projections.
+    # linear2; like klora_core.weight_keys, count them as attention projections.
     r"|^single_blocks_\d+_linear[12]$"
 )
 

@@ -14,13 +14,13 @@ import comfy.utils
 from ..klora_core import schedule
 from ..klora_core.errors import KLoRAError
 from ..klora_core.gamma import trimming
-from ..klora_core.keys import display_key, is_attention_projection, weight_name
+from ..klora_core.weight_keys import display_key, is_attention_projection, weight_name
 from ..klora_core.plan import plan_from_scores
-from .lora_files import LoRAHandle
-from .lora_keys import load_lora_patches
+from .handles import LoRAHandle
+from .comfy_key_map import load_lora_patches
 from .patching import MODE_BAKE, MODE_LIVE, MODES, FuseRun, install, make_switches
-from .progress import MEASURE_NOISE, MEASURES
-from .scores import score_units, scaled_details
+from .sampling_progress import MEASURE_NOISE, MEASURES
+from .pair_scores import score_units, scaled_details
 from .units import expand, unify_layouts, unit_offset
 
 logger = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ import folder_paths
 from ..klora_core import schedule
 from ..klora_core.errors import KLoRAError
 from .fuse import OUTSIDE_BOTH, OUTSIDE_CHOICES, SCOPE_ATTENTION, SCOPES, fuse_model
-from .lora_files import STYLE, SUBJECT, file_signature, make_handle
-from .progress import MEASURE_NOISE, MEASURES
+from .handles import STYLE, SUBJECT, file_signature, make_handle
+from .sampling_progress import MEASURE_NOISE, MEASURES
 from .selection_map import selection_map_outputs
 
 logger = logging.getLogger(__name__)

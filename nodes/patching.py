@@ -40,9 +40,9 @@ import comfy.patcher_extension
 import comfy.utils
 from comfy.patcher_extension import WrappersMP
 
-from ..klora_core.keys import weight_name
+from ..klora_core.weight_keys import weight_name
 from ..klora_core.tracker import ChoiceTracker
-from .progress import MEASURE_NOISE, ProgressMeter, current_sigma
+from .sampling_progress import MEASURE_NOISE, ProgressMeter, current_sigma
 from .switch import KLoRASwitch
 from .units import patch_entry
 

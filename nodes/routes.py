@@ -4,7 +4,7 @@ The frontend extension (``web/klora.js``) calls these while the user edits a
 "K-LoRA Fuse" node, so the selection map follows alpha, beta, pattern, scope,
 steps and the two loaders' files/strengths without queueing a prompt.  No
 model is needed: the two files are read with the pack's safe reader
-(``nodes/lora_files.read_lora_file``: safetensors, or ``torch.load`` with
+(``klora_core/lora_file.read_lora_file``: safetensors, or ``torch.load`` with
 ``weights_only=True``), grouped into ``{canonical module: (up, down)}`` by
 ``klora_core.lora_file.lora_modules`` and scored by ``klora_core.build_plan``.
 Module names are the file reader's canonical names (``down_blocks_1_...``),
@@ -98,7 +98,7 @@ def _full_path(name: str) -> str:
 
 def _modules(path: str, label: str) -> dict:
     from ..klora_core.lora_file import lora_modules
-    from .lora_files import read_lora_file
+    from .handles import read_lora_file
 
     return lora_modules(read_lora_file(path, label), 1.0, source=label)
 
@@ -147,7 +147,7 @@ def _cached(key: tuple):
 
 def scored_pair(p: PreviewParams):
     """``(_Scored, cache_hit)`` for the request's files and scope (strength-1 scores, cached)."""
-    from .lora_files import content_sha256
+    from .handles import content_sha256
 
     subject_path, style_path = _full_path(p.subject), _full_path(p.style)
     key = (content_sha256(subject_path), content_sha256(style_path), p.scope)

@@ -11,7 +11,7 @@ import torch
 
 import folder_paths
 
-from ..klora_core.keys import display_key
+from ..klora_core.weight_keys import display_key
 from ..klora_core.render import render_selection_map
 
 logger = logging.getLogger(__name__)

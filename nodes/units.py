@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from ..klora_core.keys import weight_name
+from ..klora_core.weight_keys import weight_name
 
 PARTS_TAG = "klora_parts"
 

@@ -18,17 +18,13 @@ import torch
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
 
-# Helper modules (comfy_env, tiny_models, lora_factory) import by plain name
-# whatever pytest's import mode.
-if str(TESTS_DIR) not in sys.path:
-    sys.path.insert(0, str(TESTS_DIR))
 # ``import klora_core`` for pure-torch tests. Appended, never prepended: the
 # repository's ``nodes/`` must not shadow ComfyUI's ``nodes.py`` (setup_comfy
 # puts ComfyUI's root first anyway).
 if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))
 
-import comfy_env  # noqa: E402  (needs TESTS_DIR on sys.path; imports no ComfyUI)
+from support import comfy_env  # noqa: E402  (tests/ is on the path: pyproject.toml's pytest pythonpath; imports no ComfyUI)
 
 
 def pytest_configure(config):
@@ -61,14 +57,14 @@ def klora_pack(comfy):
 
 @pytest.fixture(scope="session")
 def lora_keys(comfy):
-    """The product module ``klora_pack.nodes.lora_keys`` (pack imported bare if not yet loaded)."""
-    return comfy_env.import_pack_module("nodes.lora_keys")
+    """The product module ``klora_pack.nodes.comfy_key_map`` (pack imported bare if not yet loaded)."""
+    return comfy_env.import_pack_module("nodes.comfy_key_map")
 
 
 @pytest.fixture
 def sd15_model(comfy):
     """Fresh tiny SD1.5-shaped ModelPatcher, weights seeded with 0."""
-    import tiny_models
+    from support import tiny_models
 
     return tiny_models.build_model("sd15", seed=0)
 
@@ -76,7 +72,7 @@ def sd15_model(comfy):
 @pytest.fixture
 def sdxl_model(comfy):
     """Fresh tiny SDXL-shaped ModelPatcher, weights seeded with 0."""
-    import tiny_models
+    from support import tiny_models
 
     return tiny_models.build_model("sdxl", seed=0)
 
@@ -84,7 +80,7 @@ def sdxl_model(comfy):
 @pytest.fixture
 def flux_model(comfy):
     """Fresh tiny FLUX-shaped ModelPatcher, weights seeded with 0."""
-    import tiny_models
+    from support import tiny_models
 
     return tiny_models.build_model("flux", seed=0)
 
@@ -92,7 +88,7 @@ def flux_model(comfy):
 @pytest.fixture
 def tiny_model_builder(comfy):
     """``build(family, seed=0)`` -> fresh tiny ModelPatcher (for parametrised tests)."""
-    import tiny_models
+    from support import tiny_models
 
     return tiny_models.build_model
 
@@ -100,7 +96,7 @@ def tiny_model_builder(comfy):
 @pytest.fixture(scope="session")
 def lora_factory(comfy):
     """The tests/lora_factory.py module (make_lora, expected_weight, save_lora, ...)."""
-    import lora_factory as factory
+    from support import lora_factory as factory
 
     return factory
 

@@ -5,7 +5,7 @@ Pure torch, no ComfyUI.  Three implementations are compared on the same inputs:
 
 - ``batched_delta_stats`` (methods "threshold", "topk", "auto"; many chunk budgets),
 - ``klora_core.scoring.delta_stats`` per weight (the per-layer path),
-- ``core_reference``: dense float64 delta, FULL descending sort, sum of the first K.
+- ``klora_reference``: dense float64 delta, FULL descending sort, sum of the first K.
 
 Tolerances: on integer-valued factors every float32 product and every sum is
 exact, so all three must agree exactly (this is also where ties are
@@ -30,7 +30,7 @@ from klora_core import KLoRAError, build_plan
 from klora_core.batched import METHODS, batched_delta_stats
 from klora_core.scoring import delta_stats
 
-from core_reference import dense64, l1, top_k_sum
+from support.klora_reference import dense64, l1, top_k_sum
 
 BUDGETS = (None, 1, 7, 100, 1000, 5000, 1 << 20)
 

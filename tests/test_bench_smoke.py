@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-import comfy_env
+from support import comfy_env
 
 REPO = comfy_env.REPO_ROOT
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-import workflow_tools as wt
+from support import workflow_tools as wt
 
 pytestmark = [pytest.mark.browser, pytest.mark.server, pytest.mark.slow]
 

@@ -245,7 +245,7 @@ def test_inspect_report_matches_the_spec(tmp_path, pair, pattern, steps, alpha, 
 
 def main_out(capsys, *args):
     """Run the CLI in this process (faster than a subprocess); returns (status, stdout, stderr)."""
-    from klora_core import cli
+    from klora_core.cli import main as cli
 
     try:
         code = cli.main([str(a) for a in args])

@@ -165,7 +165,7 @@ def test_demo_map_and_table(tmp_path):
 
 
 def test_demo_s_star_inspect_alias(tmp_path):
-    from klora_core import cli
+    from klora_core.cli import main as cli
 
     out = tmp_path / "star.png"
     assert cli.main(["inspect", "--out", str(out), "--pattern", "s*", "--steps", "12", "--alpha", "1.4", "--beta", "1.1"]) == 0
@@ -235,7 +235,7 @@ def test_kohya_and_peft_pair_up(tmp_path, kohya_peft_pair):
 
 
 def test_scope_all_includes_mlp_and_locon(tmp_path, kohya_peft_pair):
-    from klora_core import cli
+    from klora_core.cli import main as cli
 
     subject, style, pairs = kohya_peft_pair
     expected = spec_selection(pairs, 10, 1.5, 0.5, "s")
@@ -245,7 +245,7 @@ def test_scope_all_includes_mlp_and_locon(tmp_path, kohya_peft_pair):
 
 
 def test_strength_does_not_change_the_choice(tmp_path, kohya_peft_pair, capsys):
-    from klora_core import cli
+    from klora_core.cli import main as cli
 
     subject, style, _ = kohya_peft_pair
     tables = []
@@ -275,8 +275,8 @@ def test_missing_file_exits_nonzero(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "bad_json"])
 def test_corrupt_file_exits_nonzero(tmp_path, capsys, damage):
-    from klora_core import cli
-    from klora_core.demo import save_demo_pair
+    from klora_core.cli import main as cli
+    from klora_core.cli.demo_pair import save_demo_pair
 
     good, style = save_demo_pair(tmp_path / "demo")
     bad = tmp_path / f"{damage}.safetensors"
@@ -304,8 +304,8 @@ class _Marker:
 
 @pytest.mark.parametrize("name", ["subject.pt", "subject.ckpt", "pickle_in_disguise.safetensors"])
 def test_pickle_files_are_refused_unloaded(tmp_path, capsys, name):
-    from klora_core import cli
-    from klora_core.demo import save_demo_pair
+    from klora_core.cli import main as cli
+    from klora_core.cli.demo_pair import save_demo_pair
 
     _, style = save_demo_pair(tmp_path / "demo")
     marker = tmp_path / "unpickled"
@@ -321,7 +321,7 @@ def test_pickle_files_are_refused_unloaded(tmp_path, capsys, name):
 
 
 def test_usage_errors(tmp_path, capsys):
-    from klora_core import cli
+    from klora_core.cli import main as cli
 
     for argv in (["map", "--steps", "0"], ["map", "--pattern", "x"], ["map", "--alpha", "nan"], []):
         with pytest.raises(SystemExit) as exc:
@@ -335,7 +335,7 @@ def test_usage_errors(tmp_path, capsys):
 
 
 def test_help_documents_everything(capsys):
-    from klora_core import cli
+    from klora_core.cli import main as cli
 
     with pytest.raises(SystemExit) as exc:
         cli.main(["map", "--help"])
@@ -406,7 +406,7 @@ def test_formats_families_and_scaling():
 def test_table_and_map_from_library(tmp_path):
     """render_selection_map / selection_table agree with each other on a plan built in-process."""
     from klora_core import build_plan
-    from klora_core.demo import make_demo_pair
+    from klora_core.cli.demo_pair import make_demo_pair
     from klora_core.lora_file import lora_modules
     from klora_core.render import render_selection_map, selection_table
 

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""klora_core against the plain reference in core_reference.py (spec: /work/shared/klora-spec.md).
+"""klora_core against the plain reference in klora_reference.py (spec: /work/shared/klora-spec.md).
 
 Pure torch: no ComfyUI import.  Run with ``python -m pytest tests/test_core.py``.
 
@@ -21,7 +21,7 @@ import torch
 import klora_core
 from klora_core import KLoRAError, build_plan, compute_gamma, style_scale
 
-from core_reference import (
+from support.klora_reference import (
     REF_DEFAULTS,
     ReferenceUndefined,
     ref_gamma,

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from klora_core import KLoRAError, build_plan, compute_gamma
 
-from core_reference import ReferenceUndefined, ref_gamma, ref_gamma_parts, reference_plan
+from support.klora_reference import ReferenceUndefined, ref_gamma, ref_gamma_parts, reference_plan
 
 SETTINGS = settings(
     max_examples=120,

@@ -1,4 +1,4 @@
-"""klora_core.demo_models against the ComfyUI it targets (in-process; the server tests load the files for real).
+"""klora_core.cli.demo_models against the ComfyUI it targets (in-process; the server tests load the files for real).
 
 The generators import no ComfyUI; these checks tie their hand-written layouts
 to ComfyUI's own model classes, detection and LoRA key map, so a layout slip
@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from klora_core import demo_models
+from klora_core.cli import demo_models
 from klora_core.lora_file import lora_modules
 from klora_core.plan import build_plan
 

@@ -32,8 +32,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import lora_factory
-import tiny_models
+from support import lora_factory
+from support import tiny_models
 from test_fuse_exact import _sample
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -105,8 +105,8 @@ def _replace_keep_mtime(path: Path, data: bytes) -> None:
 def _fresh_output(model, subject_bytes, style_handle, tmp_path, steps=6):
     """A run on ``subject_bytes`` under a name never seen before, with an empty score cache."""
     from klora_pack.nodes.fuse import fuse_model
-    from klora_pack.nodes.lora_files import make_handle
-    from klora_pack.nodes.scores import clear_score_cache
+    from klora_pack.nodes.handles import make_handle
+    from klora_pack.nodes.pair_scores import clear_score_cache
 
     fresh = tmp_path / f"fresh_{hashlib.sha256(subject_bytes).hexdigest()[:12]}.safetensors"
     fresh.write_bytes(subject_bytes)
@@ -121,7 +121,7 @@ def _fresh_output(model, subject_bytes, style_handle, tmp_path, steps=6):
 @pytest.mark.parametrize("how", ["rewrite_in_place", "os_replace"])
 def test_replaced_file_same_name_old_mtime_uses_new_content(klora_pack, tmp_path, how):
     from klora_pack.nodes.fuse import fuse_model
-    from klora_pack.nodes.scores import clear_score_cache, score_cache_size
+    from klora_pack.nodes.pair_scores import clear_score_cache, score_cache_size
 
     model = tiny_models.build_model(FAMILY, seed=0)
     loras = _loras_dir(tmp_path)
@@ -159,7 +159,7 @@ def test_replaced_file_same_name_old_mtime_uses_new_content(klora_pack, tmp_path
 
 def test_deleted_file_fails_clearly(klora_pack, tmp_path):
     from klora_pack.klora_core.errors import KLoRAError
-    from klora_pack.nodes.lora_files import make_handle
+    from klora_pack.nodes.handles import make_handle
 
     model = tiny_models.build_model(FAMILY, seed=0)
     loras = _loras_dir(tmp_path)
@@ -181,10 +181,10 @@ def test_deleted_file_fails_clearly(klora_pack, tmp_path):
 @pytest.mark.server
 def test_replaced_and_deleted_file_on_a_real_server(request, comfy):
     """Same graph twice around an in-place rewrite with the mtime set back, then with the file deleted."""
-    import detectable_models
-    import workflow_tools
+    from support import detectable_models
+    from support import workflow_tools
     from safetensors.torch import load_file
-    from server_harness import ExecutionFailed, PromptRejected
+    from support.server_harness import ExecutionFailed, PromptRejected
     from test_soak import Files, Fuse, Spec, build_graph
 
     live = workflow_tools.live_server(request)
@@ -225,7 +225,7 @@ def _oom_worker(out_path: str) -> int:
     import resource
 
     sys.path.insert(0, str(TESTS_DIR))
-    import comfy_env
+    from support import comfy_env
 
     comfy_env.setup_comfy()
     comfy_env.load_pack()
@@ -238,8 +238,8 @@ def _oom_worker(out_path: str) -> int:
 
     from klora_pack.klora_core.errors import KLoRAError
     from klora_pack.nodes.fuse import SCOPE_ALL, fuse_model
-    from klora_pack.nodes.lora_files import make_handle
-    from klora_pack.nodes.scores import clear_score_cache
+    from klora_pack.nodes.handles import make_handle
+    from klora_pack.nodes.pair_scores import clear_score_cache
 
     config = dict(tiny_models.CONFIGS["flux"], context_in_dim=OOM_CONTEXT_DIM)
     model_config = comfy.supported_models.Flux(config)

@@ -7,8 +7,8 @@ import pickle
 import pytest
 import torch
 
-import lora_factory
-import tiny_models
+from support import lora_factory
+from support import tiny_models
 from test_fuse_exact import _sample
 
 FAMILY = "sd15"
@@ -21,7 +21,7 @@ def model(comfy):
 
 @pytest.fixture
 def good_style(klora_pack, model, tmp_path):
-    from klora_pack.nodes.lora_files import make_handle
+    from klora_pack.nodes.handles import make_handle
 
     sd, _ = lora_factory.make_lora(model, "kohya", rank=2, seed=8)
     lora_factory.save_lora(sd, tmp_path / "style.safetensors")
@@ -29,7 +29,7 @@ def good_style(klora_pack, model, tmp_path):
 
 
 def _subject_from(klora_pack, tmp_path, state_dict, name="subject.safetensors"):
-    from klora_pack.nodes.lora_files import make_handle
+    from klora_pack.nodes.handles import make_handle
 
     lora_factory.save_lora(state_dict, tmp_path / name)
     return make_handle("subject", name, str(tmp_path / name), 1.0)
@@ -62,7 +62,7 @@ def test_missing_file_in_loader(klora_pack, tmp_path):
 
 def test_missing_path(klora_pack, tmp_path):
     from klora_pack.klora_core.errors import KLoRAError
-    from klora_pack.nodes.lora_files import make_handle
+    from klora_pack.nodes.handles import make_handle
 
     with pytest.raises(KLoRAError, match="file not found"):
         make_handle("subject", "gone.safetensors", str(tmp_path / "gone.safetensors"), 1.0)
@@ -70,7 +70,7 @@ def test_missing_path(klora_pack, tmp_path):
 
 def test_truncated_safetensors(klora_pack, model, tmp_path):
     from klora_pack.klora_core.errors import KLoRAError
-    from klora_pack.nodes.lora_files import make_handle
+    from klora_pack.nodes.handles import make_handle
 
     sd, _ = lora_factory.make_lora(model, "kohya", rank=2, seed=1)
     path = tmp_path / "cut.safetensors"
@@ -97,7 +97,7 @@ class _Payload:
 @pytest.mark.parametrize("suffix", [".pt", ".ckpt"])
 def test_pickle_payload_is_never_executed(klora_pack, tmp_path, suffix):
     from klora_pack.klora_core.errors import KLoRAError
-    from klora_pack.nodes.lora_files import make_handle
+    from klora_pack.nodes.handles import make_handle
 
     marker = tmp_path / "pwned.txt"
     path = tmp_path / f"evil{suffix}"
@@ -109,7 +109,7 @@ def test_pickle_payload_is_never_executed(klora_pack, tmp_path, suffix):
 
 
 def test_pickle_with_plain_tensors_loads_safely(klora_pack, model, tmp_path):
-    from klora_pack.nodes.lora_files import make_handle
+    from klora_pack.nodes.handles import make_handle
 
     sd, _ = lora_factory.make_lora(model, "kohya", rank=2, seed=1)
     torch.save(sd, tmp_path / "ok.pt")
@@ -177,7 +177,7 @@ def test_style_in_subject_socket_is_refused(klora_pack, model, good_style):
 def test_zero_strength_applies_the_other_lora_alone(klora_pack, model, tmp_path, good_style):
     import comfy.sd
     from klora_pack.nodes.fuse import fuse_model
-    from klora_pack.nodes.lora_files import make_handle
+    from klora_pack.nodes.handles import make_handle
 
     sd, _ = lora_factory.make_lora(model, "kohya", rank=4, seed=1)
     lora_factory.save_lora(sd, tmp_path / "s.safetensors")

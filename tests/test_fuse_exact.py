@@ -10,16 +10,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-import brute_force
-import lora_factory
-import tiny_models
+from support import brute_force
+from support import lora_factory
+from support import tiny_models
 
 ATOL, RTOL = 2e-5, 1e-4
 
 
 def _handles(pack, tmp_path, model, subject_style="kohya", style_style="peft", ranks=(4, 2), alphas=(2.0, None),
              strengths=(1.0, 1.0), seeds=(11, 22), scope="attn"):
-    from klora_pack.nodes.lora_files import make_handle
+    from klora_pack.nodes.handles import make_handle
 
     sd_s, truth_s = lora_factory.make_lora(model, subject_style, rank=ranks[0], alpha=alphas[0], seed=seeds[0],
                                            scope=scope)

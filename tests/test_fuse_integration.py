@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-import brute_force
-import lora_factory
-import tiny_models
+from support import brute_force
+from support import lora_factory
+from support import tiny_models
 from test_fuse_exact import ATOL, RTOL, _full_sigmas, _handles, _sample
 
 FAMILY = "sd15"
@@ -49,7 +49,7 @@ def test_one_lora_everywhere_equals_comfy_lora_loader(klora_pack, tmp_path, winn
 def test_same_file_as_subject_and_style(klora_pack, tmp_path):
     """Allowed: both deltas are identical, so the result equals one LoraLoader (equal strengths)."""
     from klora_pack.nodes.fuse import fuse_model
-    from klora_pack.nodes.lora_files import make_handle
+    from klora_pack.nodes.handles import make_handle
 
     model = tiny_models.build_model(FAMILY, seed=0)
     sd, _ = lora_factory.make_lora(model, "kohya", rank=4, alpha=2.0, seed=3)
@@ -154,7 +154,7 @@ def test_plain_lora_loader_before_or_after(klora_pack, tmp_path, where):
 
 def test_two_fuse_nodes_stacked(klora_pack, tmp_path):
     from klora_pack.nodes.fuse import fuse_model
-    from klora_pack.nodes.lora_files import make_handle
+    from klora_pack.nodes.handles import make_handle
 
     model = tiny_models.build_model(FAMILY, seed=0)
     hs, ht, truth_s, truth_t = _handles(klora_pack, tmp_path, model)
@@ -214,7 +214,7 @@ def registry(comfy, tmp_path_factory):
 
 
 def comfy_env_repo():
-    import comfy_env
+    from support import comfy_env
 
     return str(comfy_env.REPO_ROOT)
 
@@ -222,7 +222,7 @@ def comfy_env_repo():
 def test_registry_graph_matches_direct_call(registry, klora_pack, tmp_path):
     import nodes
     from klora_pack.nodes.fuse import fuse_model
-    from klora_pack.nodes.lora_files import make_handle
+    from klora_pack.nodes.handles import make_handle
 
     mappings, loras = registry
     for node_id in ("KLoRASubjectLoader", "KLoRAStyleLoader", "KLoRAFuse"):

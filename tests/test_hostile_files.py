@@ -427,7 +427,7 @@ def _worker(manifest_path: str, out_path: str) -> int:
     import resource
 
     sys.path.insert(0, str(TESTS_DIR))
-    import comfy_env
+    from support import comfy_env
 
     comfy_env.setup_comfy()
     comfy_env.load_pack()
@@ -435,10 +435,10 @@ def _worker(manifest_path: str, out_path: str) -> int:
     import torch
 
     torch.set_num_threads(1)
-    import tiny_models
+    from support import tiny_models
     from klora_pack.klora_core.errors import KLoRAError
     from klora_pack.nodes.fuse import fuse_model
-    from klora_pack.nodes.lora_files import make_handle
+    from klora_pack.nodes.handles import make_handle
 
     manifest = json.loads(Path(manifest_path).read_text())
     model = tiny_models.build_model(FAMILY, seed=0)
@@ -491,8 +491,8 @@ def file_results(comfy, tmp_path_factory):
     """Write every case, run the worker once, return ``(cases, results, meta, targets)``."""
     import torch
 
-    import lora_factory
-    import tiny_models
+    from support import lora_factory
+    from support import tiny_models
 
     work = tmp_path_factory.mktemp("hostile")
     files = work / "files"
@@ -660,7 +660,7 @@ def preview_target(request, comfy, tmp_path_factory):
     import torch
     from safetensors.torch import save_file
 
-    import workflow_tools
+    from support import workflow_tools
 
     live = workflow_tools.live_server(request)
     server = live.server

@@ -47,8 +47,8 @@ from pathlib import Path
 
 import pytest
 
-import comfy_env
-from server_harness import ComfyServer
+from support import comfy_env
+from support.server_harness import ComfyServer
 
 try:
     import tomllib  # Python >= 3.11
@@ -180,7 +180,7 @@ _IMPORT_LINE = re.compile(r"^\s*(?P<s>\d+(?:\.\d+)?) seconds(?P<failed> \(IMPORT
 class InstalledPackServer(ComfyServer):
     """The test harness's server for a ComfyUI that already holds the pack in its own custom_nodes.
 
-    ``install_pack`` (of ``klora_core.comfy_runner.ComfyUIServer``) off: no link to this repository and
+    ``install_pack`` (of ``klora_core.cli.comfy.server.ComfyUIServer``) off: no link to this repository and
     no extra custom_nodes folder, so ComfyUI loads only the installed copy.
     """
 
@@ -385,11 +385,11 @@ def test_runtime_code_follows_registry_standards():
                     if "requirements.txt" not in node.value:  # advice to the user, not a command run
                         bad.append(f"{name}:{node.lineno}: pip install string")
     assert bad == []
-    # The pack itself starts no process; only the command-line runner (klora_core.comfy_runner, used by
+    # The pack itself starts no process; only the command-line runner (klora_core.cli.comfy.server, used by
     # `python -m klora_core run`, never imported by ComfyUI) starts ComfyUI as a subprocess.
     spawners = [f for f in runtime if re.search(r"^\s*(import subprocess|from subprocess)",
                                                  (REPO / f).read_text(encoding="utf-8"), re.M)]
-    assert set(spawners) <= {"klora_core/comfy_runner.py"}, spawners
+    assert set(spawners) <= {"klora_core/cli/comfy/server.py"}, spawners
     assert not (REPO / "install.py").exists()
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-import lora_factory
+from support import lora_factory
 
 
 def _te_lora(seed: int = 3, rank: int = 4) -> dict:
@@ -24,7 +24,7 @@ def _te_lora(seed: int = 3, rank: int = 4) -> dict:
 def test_clip_part_matches_lora_loader(klora_pack, tmp_path):
     import comfy.sd
     import folder_paths
-    from klora_pack.klora_core import demo_models
+    from klora_pack.klora_core.cli import demo_models
     from klora_pack.nodes.node_defs import KLoRAStyleLoader, KLoRASubjectLoader
 
     clip_path = demo_models.ensure_file("clip", demo_models.default_cache_dir())

@@ -19,7 +19,7 @@ import urllib.request
 import pytest
 import torch
 
-import workflow_tools as wt
+from support import workflow_tools as wt
 from klora_core import build_plan
 from klora_core.lora_file import is_attention_module, load_lora_file
 
@@ -282,7 +282,7 @@ def test_paths_and_unknown_names_are_refused(live, name):
 
 
 def test_files_that_cannot_be_fused_are_422(live):
-    import detectable_models
+    from support import detectable_models
 
     detectable_models.write_flux_lora(live.server.loras_dir / "klora-preview-flux.safetensors")
     status, answer, _ = call(live, base(live, style="klora-preview-flux.safetensors"))
@@ -333,9 +333,9 @@ def test_in_process_import_registers_nothing(klora_pack):
 def test_preview_equals_the_nodes_own_plan(live, klora_pack, settings):
     """The route (files alone, canonical names) chooses exactly what K-LoRA Fuse chooses on the real model."""
     import comfy.sd
-    from klora_core import demo_models
+    from klora_core.cli import demo_models
     from klora_pack.nodes.fuse import fuse_model
-    from klora_pack.nodes.lora_files import make_handle
+    from klora_pack.nodes.handles import make_handle
 
     names, loras = live.names, live.server.loras_dir
     model = comfy.sd.load_diffusion_model(str(live.server.unet_dir / names["unet"]))

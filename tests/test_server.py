@@ -24,8 +24,8 @@ import time
 import pytest
 import torch
 
-import detectable_models
-from server_harness import ComfyServer, ExecutionFailed, PromptRejected
+from support import detectable_models
+from support.server_harness import ComfyServer, ExecutionFailed, PromptRejected
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -246,7 +246,7 @@ def test_interrupt_mid_sampling_restores_the_base_model(server):
     names = server.names
     before = _latent(server, server.run(_plain(names)))  # cached result of the first plain run
     graph = _klora(names)
-    # About a minute of sampling unless interrupted.  (Not thousands of steps: nodes/progress.py's
+    # About a minute of sampling unless interrupted.  (Not thousands of steps: nodes/sampling_progress.py's
     # ProgressMeter bisects every sigma of the schedule before the first step, ~10 ms per step here.)
     graph["6"]["inputs"]["steps"] = 300
     events = server.open_events()

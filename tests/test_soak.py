@@ -246,8 +246,8 @@ def soak_schedule(n_prompts: int, n_interrupts: int, seed: int, plain, klora):
 @pytest.fixture(scope="module")
 def soak_server(comfy):
     """A real ComfyUI server with two UNets, CLIP-L and two LoRA pairs; yields ``(server, Files, figures)``."""
-    import detectable_models
-    import server_harness
+    from support import detectable_models
+    from support import server_harness
 
     t0 = time.perf_counter()
     with server_harness.ComfyServer() as server:

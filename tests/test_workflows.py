@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-import workflow_tools as wt
+from support import workflow_tools as wt
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 

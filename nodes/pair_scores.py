@@ -23,7 +23,7 @@ from comfy.weight_adapter.base import WeightAdapterBase
 from comfy.weight_adapter.lora import LoRAAdapter
 
 from ..klora_core.errors import KLoRAError
-from ..klora_core.keys import display_key, weight_name
+from ..klora_core.weight_keys import display_key, weight_name
 from ..klora_core.plan import WeightScore
 from ..klora_core.batched import batched_delta_stats
 from ..klora_core.scoring import delta_shape2d, delta_stats

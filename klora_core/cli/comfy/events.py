@@ -5,7 +5,7 @@ A minimal RFC 6455 client (:class:`_WebSocket`, standard library only) and a
 background reader (:class:`EventStream`) that decodes each text message as
 JSON (``{"type": "progress", "data": {"value", "max", "node"}}`` and the
 like) into a queue.  Only used against the loopback server that
-:mod:`klora_core.comfy_runner` started.
+:mod:`klora_core.cli.comfy.server` started.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
 API_DIR = WORKFLOWS_DIR / "api"
 WORKFLOW_NAMES = ("klora_sdxl_subject_style", "klora_flux_s_star", "klora_sd15", "klora_img2img")
@@ -61,7 +61,7 @@ def demo_checkpoint(server, names: dict) -> str:
     """
     from safetensors.torch import load_file, save_file
 
-    from klora_core import demo_models
+    from klora_core.cli import demo_models
 
     cache = demo_models.default_cache_dir()
     stem = names["unet"].replace("-unet-", "-checkpoint-")
@@ -107,8 +107,8 @@ def live_server(request) -> Live:
     """The session's shared server (started on first call; stopped when the session ends)."""
     global _LIVE
     if _LIVE is None:
-        import detectable_models
-        from server_harness import ComfyServer
+        from support import detectable_models
+        from support.server_harness import ComfyServer
 
         server = ComfyServer()
         server.__enter__()

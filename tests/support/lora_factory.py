@@ -47,7 +47,7 @@ import re
 
 import torch
 
-from comfy_env import setup_comfy
+from support.comfy_env import setup_comfy
 
 STYLES = ("kohya", "kohya_diffusers", "diffusers", "peft", "peft_base")
 SCOPES = ("attn", "all")

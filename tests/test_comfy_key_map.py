@@ -162,7 +162,7 @@ def test_patch_model_matches_brute_force(family, style, tiny_model_builder, lora
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sampling_with_parsed_lora(family, tiny_model_builder, lora_factory, lora_keys):
     """Tiny models sample finitely, deterministically, and the parsed LoRA changes the result."""
-    import tiny_models
+    from support import tiny_models
 
     mp = tiny_model_builder(family)
     base = tiny_models.sample_once(mp, family)

@@ -5,8 +5,8 @@
 ``extra_model_paths.yaml``, a link to this pack under ``custom_nodes/``),
 starts ComfyUI as ``python main.py ...`` on 127.0.0.1, waits until it
 answers, and stops it (bounded); its HTTP API is
-:class:`klora_core.comfy_client.ComfyClient`'s.  It is what ``python -m
-klora_core run`` (:mod:`klora_core.run_command`) renders through, and what the
+:class:`klora_core.cli.comfy.client.ComfyClient`'s.  It is what ``python -m
+klora_core run`` (:mod:`klora_core.cli.run_command`) renders through, and what the
 server tests use (``tests/server_harness.py``).
 
 This is the only module of the pack that starts processes: ComfyUI itself,
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .comfy_client import (
+from .client import (
     DEFAULT_PROMPT_TIMEOUT,
     ComfyClient,
     ExecutionFailed,
@@ -36,8 +36,8 @@ from .comfy_client import (
     describe_rejection,
     one_line,
 )
-from .comfy_events import EventStream
-from .errors import KLoRAError
+from .events import EventStream
+from ...errors import KLoRAError
 
 # The names server tests and the run command import from here (the errors live in comfy_client).
 __all__ = [
@@ -49,7 +49,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Repository root = the node pack folder ComfyUI loads (holds __init__.py and nodes/).
-PACK_ROOT = Path(__file__).resolve().parent.parent
+PACK_ROOT = Path(__file__).resolve().parents[3]
 PACK_DIR_NAME = "klora-fusion"
 #: ComfyUI model folder types this runner manages, in extra_model_paths.yaml names.
 MODEL_FOLDERS = ("checkpoints", "diffusion_models", "text_encoders", "vae", "loras")
@@ -164,7 +164,7 @@ class ComfyUIServer(ComfyClient):
 
     Use as a context manager; the process is always stopped (SIGINT, then
     terminate, then kill, each bounded).  The HTTP API (``post_prompt``,
-    ``wait``, ``object_info`` ...) is :class:`~klora_core.comfy_client.ComfyClient`'s.
+    ``wait``, ``object_info`` ...) is :class:`~klora_core.cli.comfy.client.ComfyClient`'s.
     """
 
     def __init__(self, comfy_root, workdir, python: Optional[str] = None, port: Optional[int] = None,

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from comfy_env import setup_comfy
+from support.comfy_env import setup_comfy
 
 FAMILIES = ("sd15", "sdxl", "flux")
 

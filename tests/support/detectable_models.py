@@ -1,6 +1,6 @@
 """Model files for server tests: what ComfyUI's stock loaders detect, plus deliberately bad LoRAs.
 
-The generators live in the product module :mod:`klora_core.demo_models`
+The generators live in the product module :mod:`klora_core.cli.demo_models`
 (torch + safetensors only; ``python -m klora_core run`` uses them too); this
 module puts their files into a server's model folders and adds the broken
 files the error tests need.
@@ -11,7 +11,7 @@ files the error tests need.
   straight into ``server.unet_dir`` (under a second).
 - Text encoder (``CLIPLoader``, type ``stable_diffusion``): CLIP-L, whose
   size ComfyUI fixes (123 M parameters, 235 MiB float16); generated once into
-  :func:`klora_core.demo_models.default_cache_dir` (outside the repository;
+  :func:`klora_core.cli.demo_models.default_cache_dir` (outside the repository;
   about 3 s) and symlinked into ``server.clip_dir``.
 - VAE (``VAELoader``): TAESD layout, 4.7 MiB, into ``server.vae_dir``.
 - Subject/style LoRAs (kohya SD1.5 names, ranks 8 and 4) into ``server.loras_dir``.
@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))
 
-from klora_core import demo_models  # noqa: E402
-from klora_core.demo_models import DEFAULT_SEED  # noqa: E402
+from klora_core.cli import demo_models  # noqa: E402
+from klora_core.cli.demo_models import DEFAULT_SEED  # noqa: E402
 
 
 def _link(src: Path, dst: Path) -> None:

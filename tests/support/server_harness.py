@@ -6,7 +6,7 @@
         entry = server.wait(prompt_id, timeout=60) # ExecutionFailed(.details) when a node raised
         server.object_info(); server.interrupt(); server.log_text()
 
-It is :class:`klora_core.comfy_runner.ComfyUIServer` (the same code
+It is :class:`klora_core.cli.comfy.server.ComfyUIServer` (the same code
 ``python -m klora_core run`` uses) with test defaults:
 
 - ComfyUI from ``comfy_env.find_comfy_root()`` (``COMFYUI_PATH`` or the
@@ -40,13 +40,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-import comfy_env
+from support import comfy_env
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))
 
-from klora_core.comfy_runner import (  # noqa: E402
+from klora_core.cli.comfy.server import (  # noqa: E402
     ComfyUIServer,
     ExecutionFailed,
     PromptRejected,

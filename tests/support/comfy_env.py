@@ -1,6 +1,6 @@
 """Import a real ComfyUI in-process for tests, and import this repository as a pack.
 
-    from comfy_env import setup_comfy, load_pack
+    from support.comfy_env import setup_comfy, load_pack
     root = setup_comfy()          # ComfyUI root path; comfy.* importable, CPU only
     pack = load_pack()            # this repository as package ``klora_pack``
 
@@ -35,7 +35,7 @@ logger = logging.getLogger("klora.tests.comfy_env")
 #: Name under which the repository is imported as a package.
 PACK_NAME = "klora_pack"
 #: Repository root (this file lives in <root>/tests/).
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SETUP_HINT = (
     "build the cached test environment with scripts/setup_comfyui_env.sh "
     "(or point COMFYUI_PATH at a ComfyUI checkout) and run pytest with that venv's python"
@@ -135,7 +135,7 @@ def load_pack(bare: bool = False) -> types.ModuleType:
 
     ``bare=True`` registers the package without running its ``__init__.py``
     (no node registration), so single product modules such as
-    ``klora_pack.nodes.lora_keys`` can be imported on their own; a later
+    ``klora_pack.nodes.comfy_key_map`` can be imported on their own; a later
     ``load_pack()`` runs ``__init__.py`` in that same module object.
     """
     setup_comfy()
@@ -171,6 +171,6 @@ def load_pack(bare: bool = False) -> types.ModuleType:
 
 
 def import_pack_module(relname: str, bare: bool = True) -> types.ModuleType:
-    """Import ``klora_pack.<relname>`` (e.g. ``"nodes.lora_keys"``), loading the pack first."""
+    """Import ``klora_pack.<relname>`` (e.g. ``"nodes.comfy_key_map"``), loading the pack first."""
     load_pack(bare=bare)
     return importlib.import_module(f"{PACK_NAME}.{relname}")

@@ -1,15 +1,15 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """The options of ``python -m klora_core run``: its argparse parser, help text and checks.
 
-The command itself is :mod:`klora_core.run_command`.
+The command itself is :mod:`klora_core.cli.run_command`.
 """
 from __future__ import annotations
 
 import argparse
 
 from .arg_types import finite_number, float_list, int_in_range
-from .comfy_client import DEFAULT_PROMPT_TIMEOUT
-from .errors import KLoRAError
+from .comfy.client import DEFAULT_PROMPT_TIMEOUT
+from ..errors import KLoRAError
 from .run_graphs import MEASURE_CHOICES, SCOPE_CHOICES
 
 RUN_EPILOG = """\

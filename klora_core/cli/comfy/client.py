@@ -3,10 +3,10 @@
 
 :class:`ComfyClient` queues an API-format workflow (``POST /prompt``), waits
 for it (``GET /history/<id>``, with the websocket progress events of
-:mod:`klora_core.comfy_events` passed to a callback meanwhile) and fetches
+:mod:`klora_core.cli.comfy.events` passed to a callback meanwhile) and fetches
 what ComfyUI saved (``GET /view``).  Every request goes to
 ``http://127.0.0.1:<port>``, without the proxies of the environment.
-:class:`klora_core.comfy_runner.ComfyUIServer` is this client plus the server
+:class:`klora_core.cli.comfy.server.ComfyUIServer` is this client plus the server
 process.
 """
 from __future__ import annotations
@@ -22,8 +22,8 @@ import urllib.request
 import uuid
 from typing import Callable, Optional
 
-from .comfy_events import EventStream
-from .errors import KLoRAError
+from .events import EventStream
+from ...errors import KLoRAError
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import os
 import sys
 
 from .arg_types import finite_number, int_in_range
-from .errors import KLoRAError
+from ..errors import KLoRAError
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def _add_pair_arguments(m: argparse.ArgumentParser) -> None:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
@@ -156,12 +156,12 @@ def _version() -> str:
 def _load_pair(args, info=None):
     """``(subject, style)`` module dicts, kept to ``--scope``; ``info`` (a dict) also gets the paths,
     the name-based families and every module name of both files, before the scope filter."""
-    from .lora_file import detect_family, is_attention_module, load_lora_file
+    from ..lora_file import detect_family, is_attention_module, load_lora_file
 
     if (args.subject is None) != (args.style is None):
         raise KLoRAError("give both SUBJECT and STYLE LoRA files, or neither for the demo pair")
     if args.subject is None:
-        from .demo import DEFAULT_SEED, save_demo_pair
+        from .demo_pair import DEFAULT_SEED, save_demo_pair
 
         folder = os.path.dirname(os.path.abspath(args.out))
         seed = DEFAULT_SEED if args.seed is None else args.seed
@@ -200,8 +200,8 @@ def _load_pair(args, info=None):
 
 
 def run_map(args) -> int:
-    from .plan import build_plan
-    from .render import render_selection_map, selection_table
+    from ..plan import build_plan
+    from ..render import render_selection_map, selection_table
 
     if not args.out.lower().endswith(".png"):
         raise KLoRAError(f"{args.out}: the selection map is written as PNG; use a .png file name")
@@ -238,7 +238,7 @@ class _Shape:
 
 def _file_facts(path) -> dict:
     """LoRA format, base-model family and tensor count of a ``.safetensors`` file, from its header only."""
-    from .lora_file import detect_family, detect_format
+    from ..lora_file import detect_family, detect_format
 
     try:
         from safetensors import safe_open
@@ -258,9 +258,9 @@ def run_inspect(args) -> int:
     """``inspect``: everything :func:`run_map` shows, plus formats, family, gamma details, K and key lists."""
     import json
 
-    from .gamma import OUTLIER_FACTOR, trimming
-    from .plan import build_plan
-    from .render import _schedule_text, render_selection_map
+    from ..gamma import OUTLIER_FACTOR, trimming
+    from ..plan import build_plan
+    from ..render import _schedule_text, render_selection_map
 
     if not args.out.lower().endswith(".png"):
         raise KLoRAError(f"{args.out}: the selection map is written as PNG; use a .png file name")

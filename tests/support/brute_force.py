@@ -3,7 +3,7 @@
 A separate copy of the tiny model (same seed, so bit-identical base weights)
 gets ``W0 + chosen delta`` rebuilt from scratch in float64 at EVERY model call,
 from the LoRA factory's truth tensors and the plain spec reference in
-core_reference.py.  It shares no code with the pack: progress is found by
+klora_reference.py.  It shares no code with the pack: progress is found by
 a plain bisection on the model's ``percent_to_sigma``, taken as exactly
 ``i / N`` when it lies on the grid of the run's full N-step schedule; in step-count mode it is the index within the pass.
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-import core_reference
-import tiny_models
+from support import klora_reference
+from support import tiny_models
 
 
 def units_of(truth: dict, strength: float) -> dict:
@@ -80,7 +80,7 @@ class BruteForce:
             subject, style = units_of(truth_s, ss), units_of(truth_t, st)
             rows = {name: p.shape[0] for name, p in self.model.named_parameters()}
             merge_mismatched_layouts(subject, style, rows)
-            self.pairs.append((subject, style, core_reference.reference_plan(subject, style, a, b, pat)))
+            self.pairs.append((subject, style, klora_reference.reference_plan(subject, style, a, b, pat)))
         self.subject, self.style, self.plan = self.pairs[0]
         self.extras = [units_of(truth, strength) for truth, strength in extras]
         self.measure = measure

@@ -1,17 +1,17 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """``python -m klora_core run``: render with K-LoRA through a real ComfyUI server.
 
-Starts ComfyUI (:class:`klora_core.comfy_runner.ComfyUIServer`) with this node
+Starts ComfyUI (:class:`klora_core.cli.comfy.server.ComfyUIServer`) with this node
 pack installed as a custom node, posts the workflow of
-:mod:`klora_core.run_graphs` to its HTTP API (``POST /prompt``), follows the
+:mod:`klora_core.cli.run_graphs` to its HTTP API (``POST /prompt``), follows the
 run (websocket ``/ws`` for step progress, ``GET /history/<id>`` for the
 result) and copies what ComfyUI saved (``GET /view``) to an output folder;
-with ``--grid`` it also draws a contact sheet (:mod:`klora_core.contact_sheet`).
+with ``--grid`` it also draws a contact sheet (:mod:`klora_core.cli.contact_sheet`).
 Sampling, model loading and decoding are ComfyUI's own; nothing is
 re-implemented here.
 
 Without model arguments it generates the seeded demo models of
-:mod:`klora_core.demo_models` (an SD1.5-detectable UNet, a CLIP-L text
+:mod:`klora_core.cli.demo_models` (an SD1.5-detectable UNet, a CLIP-L text
 encoder, a TAESD-layout VAE and a subject/style LoRA pair) into a cache
 folder and uses the cached ComfyUI 0.3.75 of ``scripts/setup_comfyui_env.sh``.
 
@@ -19,7 +19,7 @@ No ComfyUI import: only the standard library, torch/safetensors (to write the
 demo models) and Pillow (loaded lazily to draw the ``--grid`` contact sheet;
 it ships with every ComfyUI).  Every network request goes to the loopback
 server this command started; proxies from the environment are ignored.
-The options and their checks are :mod:`klora_core.run_options`.
+The options and their checks are :mod:`klora_core.cli.run_options`.
 """
 from __future__ import annotations
 
@@ -32,25 +32,25 @@ import time
 import urllib.error
 from pathlib import Path
 
-from .comfy_runner import ComfyUIServer, ServerError, find_comfy_root, link_or_copy, server_uses_cpu
+from .comfy.server import ComfyUIServer, ServerError, find_comfy_root, link_or_copy, server_uses_cpu
 from .contact_sheet import contact_sheet, short_number
-from .errors import KLoRAError
+from ..errors import KLoRAError
 from .run_graphs import IDS, NODE_LABELS, build_workflow
 from .run_options import build_run_parser, check_run_options, grid_axes
-from .run_progress import Progress
+from .terminal_progress import Progress
 
 
 def add_run_parser(subparsers) -> argparse.ArgumentParser:
-    """Register the ``run`` subcommand on ``subparsers`` (klora_core.cli)."""
+    """Register the ``run`` subcommand on ``subparsers`` (klora_core.cli.main)."""
     parser = build_run_parser(subparsers)
     parser.set_defaults(func=run_command)
     return parser
 
 
 def run_command(args) -> int:
-    """Entry point of ``python -m klora_core run`` (see :data:`klora_core.run_options.RUN_EPILOG`).
+    """Entry point of ``python -m klora_core run`` (see :data:`klora_core.cli.run_options.RUN_EPILOG`).
 
-    Every failure surfaces as a KLoRAError (one line, exit status 1 in klora_core.cli).
+    Every failure surfaces as a KLoRAError (one line, exit status 1 in klora_core.cli.main).
     """
     try:
         return _run(args)
@@ -144,7 +144,7 @@ def _stage_models(args, server: ComfyUIServer, say) -> dict:
 def _stage_demo_files(args, kinds_and_folders, names: dict, say) -> None:
     """Generate (once; cached) the demo model file of each kind, link it into its folder, record its name.
 
-    ``kinds_and_folders``: ``(kind, folder)`` pairs, kind as in :func:`klora_core.demo_models.ensure_file`
+    ``kinds_and_folders``: ``(kind, folder)`` pairs, kind as in :func:`klora_core.cli.demo_models.ensure_file`
     (``unet``, ``clip``, ``vae``, ``subject``, ``style``); ``names[kind]`` gets the file name.
     """
     from . import demo_models

@@ -1,0 +1,104 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Every option a K-LoRA user sets, defined once: its name, choices, range and default.
+
+The K-LoRA Fuse node (``nodes/node_defs.py``), the ``/klora/preview`` route
+(``nodes/preview_params.py``) and the command line (``klora_core/cli``) all
+read their choices, ranges and defaults from here, so they accept exactly the
+same values and answer the same way to a bad one (tests/test_options.py holds
+them to it).  No ComfyUI import.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .errors import KLoRAError
+from .schedule import DEFAULTS, PATTERN_S, PATTERN_S_STAR, PATTERNS, check_pattern
+
+__all__ = [
+    "PATTERNS", "PATTERN_S", "PATTERN_S_STAR",
+    "SCOPE_ATTENTION", "SCOPE_ALL", "SCOPES",
+    "OUTSIDE_BOTH", "OUTSIDE_SUBJECT", "OUTSIDE_STYLE", "OUTSIDE_NONE", "OUTSIDE_CHOICES",
+    "MEASURE_NOISE", "MEASURE_STEPS", "MEASURES", "CLI_SCOPES", "CLI_MEASURES",
+    "NumberRange", "STRENGTH", "ALPHA", "BETA", "STEPS", "resolve_beta", "check_choice", "check_schedule",
+]
+
+# ---- which weights K-LoRA switches ------------------------------------------------------------
+SCOPE_ATTENTION = "attention projections"
+SCOPE_ALL = "all shared weights"
+SCOPES = (SCOPE_ATTENTION, SCOPE_ALL)
+
+# ---- what happens to shared weights outside the scope -----------------------------------------
+OUTSIDE_BOTH = "both"
+OUTSIDE_SUBJECT = "subject"
+OUTSIDE_STYLE = "style"
+OUTSIDE_NONE = "none"
+OUTSIDE_CHOICES = (OUTSIDE_BOTH, OUTSIDE_SUBJECT, OUTSIDE_STYLE, OUTSIDE_NONE)
+
+# ---- how sampling progress p is measured (docs/method.md, "Progress") -------------------------
+MEASURE_NOISE = "noise level"
+MEASURE_STEPS = "step count"
+MEASURES = (MEASURE_NOISE, MEASURE_STEPS)
+
+#: Command-line spellings (``--scope attention``) of the node's combo values.
+CLI_SCOPES = {"attention": SCOPE_ATTENTION, "all": SCOPE_ALL}
+CLI_MEASURES = {"noise": MEASURE_NOISE, "steps": MEASURE_STEPS}
+
+
+@dataclass(frozen=True)
+class NumberRange:
+    """A numeric option: inclusive ``[lo, hi]``, its default and the UI step."""
+
+    lo: float
+    hi: float
+    default: float
+    step: float
+    integer: bool = False
+
+    def check(self, name: str, value):
+        """``value`` as a float (int when ``integer``) inside the range; else KLoRAError naming ``name``.
+
+        Non-finite values (NaN, inf) are refused explicitly: NaN passes any
+        ``lo <= x <= hi`` test written as two negated comparisons (ComfyUI's
+        own min/max check is such a test).
+        """
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise KLoRAError(f"{name} must be a number, got {value!r}")
+        if self.integer and (isinstance(value, float) and not value.is_integer()):
+            raise KLoRAError(f"{name} must be a whole number, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise KLoRAError(f"{name} must be a finite number, got {value!r}")
+        if not self.lo <= value <= self.hi:
+            raise KLoRAError(f"{name} must be between {self.lo:g} and {self.hi:g}, got {value:g}")
+        return int(value) if self.integer else float(value)
+
+
+#: LoRA strength: the factor on a delta whenever K-LoRA applies it (like LoraLoader's strength_model).
+STRENGTH = NumberRange(-100.0, 100.0, 1.0, 0.01)
+#: Slope of the style factor over progress (paper: 1.5).
+ALPHA = NumberRange(0.0, 10.0, 1.5, 0.05)
+#: Offset of the style factor.  Any negative value (the default, -1) means the pattern's paper
+#: default: 0.5 for ``s``, 1.275 for ``s*`` (:func:`resolve_beta`).
+BETA = NumberRange(-1.0, 10.0, -1.0, 0.025)
+#: Sampling steps (command line) and columns of the selection map (node, preview).
+STEPS = NumberRange(1, 150, 20, 1, integer=True)
+
+
+def resolve_beta(beta: float, pattern: str) -> float:
+    """The beta actually used: the pattern's paper default when ``beta`` is negative."""
+    return DEFAULTS[check_pattern(pattern)][1] if beta < 0 else float(beta)
+
+
+def check_choice(name: str, value, choices) -> str:
+    """``value`` when it is one of ``choices``; else KLoRAError listing them."""
+    if not isinstance(value, str) or value not in choices:
+        raise KLoRAError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+    return value
+
+
+def check_schedule(alpha, beta, pattern) -> tuple:
+    """Validated ``(alpha, resolved beta, pattern)`` of a fuse request (node, preview or command line)."""
+    pattern = check_choice("pattern", pattern, PATTERNS)
+    alpha = ALPHA.check("alpha", alpha)
+    beta = BETA.check("beta", beta)
+    return alpha, resolve_beta(beta, pattern), pattern
