@@ -17,8 +17,6 @@ sampling run and its denominator is this run's real ``steps x layers``.
 """
 from __future__ import annotations
 
-import torch
-
 import comfy.lora
 import comfy.lora_convert
 

@@ -272,6 +272,21 @@ def _first_device(items):
     return None
 
 
+def scores_at_strengths(details: Mapping, subject_strength: float, style_strength: float) -> dict:
+    """Scores of deltas scaled by the LoRA strengths, from scores at strength 1.
+
+    Every score is a sum of absolute entries, so it scales with ``|strength|``:
+    scoring once at strength 1 and scaling here means a strength change never
+    rescores.  ``details``: ``{key: WeightScore}``.
+    """
+    s, t = abs(subject_strength), abs(style_strength)
+    return {
+        key: replace(d, subject_topk=d.subject_topk * s, style_topk=d.style_topk * t,
+                     subject_l1=d.subject_l1 * s, style_l1=d.style_l1 * t)
+        for key, d in details.items()
+    }
+
+
 def plan_from_scores(details, subject_only=(), style_only=(), alpha=None, beta=None, pattern=schedule.PATTERN_S) -> KLoRAPlan:
     """Build a plan from already computed :class:`WeightScore` values (e.g. from a cache)."""
     alpha, beta, pattern = _schedule_args(alpha, beta, pattern)

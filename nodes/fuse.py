@@ -11,29 +11,21 @@ from dataclasses import dataclass, field
 
 import comfy.utils
 
-from ..klora_core import schedule
+from ..klora_core import options, schedule
 from ..klora_core.errors import KLoRAError
 from ..klora_core.gamma import trimming
 from ..klora_core.weight_keys import display_key, is_attention_projection, weight_name
-from ..klora_core.plan import plan_from_scores
+from ..klora_core.plan import plan_from_scores, scores_at_strengths
+from .adapters import lora_factors
 from .handles import LoRAHandle
 from .comfy_key_map import load_lora_patches
 from .patching import MODE_BAKE, MODE_LIVE, MODES, FuseRun, install, make_switches
-from .sampling_progress import MEASURE_NOISE, MEASURES
-from .pair_scores import score_units, scaled_details
+from ..klora_core.options import (MEASURE_NOISE, MEASURES, OUTSIDE_BOTH, OUTSIDE_CHOICES, OUTSIDE_STYLE,
+                                  OUTSIDE_SUBJECT, SCOPE_ALL, SCOPE_ATTENTION, SCOPES)
+from .pair_scores import score_units
 from .units import expand, unify_layouts, unit_offset
 
 logger = logging.getLogger(__name__)
-
-SCOPE_ATTENTION = "attention projections"
-SCOPE_ALL = "all shared weights"
-SCOPES = (SCOPE_ATTENTION, SCOPE_ALL)
-
-OUTSIDE_BOTH = "both"
-OUTSIDE_SUBJECT = "subject"
-OUTSIDE_STYLE = "style"
-OUTSIDE_NONE = "none"
-OUTSIDE_CHOICES = (OUTSIDE_BOTH, OUTSIDE_SUBJECT, OUTSIDE_STYLE, OUTSIDE_NONE)
 
 _LOGGED: set = set()
 
@@ -77,12 +69,10 @@ def _check_shapes(handle: LoRAHandle, patches: dict, model_sd: dict) -> None:
     for unit, value in patches.items():
         name = weight_name(unit)
         weight = model_sd.get(name)
-        weights = getattr(value, "weights", None)
-        if weight is None or getattr(value, "name", "") != "lora" or weights is None:
+        factors = lora_factors(value)
+        if weight is None or factors is None or factors.reshape is not None:
             continue
-        up, down, _, mid, _, reshape = weights[:6]
-        if reshape is not None:
-            continue
+        up, down, mid = factors.up, factors.down, factors.mid
         if up.dim() < 2 or down.dim() < 2 or up.flatten(1).shape[1] != down.shape[0]:
             raise KLoRAError(
                 f"{handle.label()}: layer {display_key(unit)}: up {tuple(up.shape)} and down "
@@ -154,16 +144,10 @@ def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: flo
         raise KLoRAError("the subject input must come from a 'Load Subject LoRA' node")
     if not isinstance(style, LoRAHandle) or style.role != "style":
         raise KLoRAError("the style input must come from a 'Load Style LoRA' node")
-    schedule.check_pattern(pattern)
-    if scope not in SCOPES:
-        raise KLoRAError(f"unknown scope {scope!r}: expected one of {SCOPES}")
-    if outside_scope not in OUTSIDE_CHOICES:
-        raise KLoRAError(f"unknown outside-scope choice {outside_scope!r}: expected one of {OUTSIDE_CHOICES}")
-    if progress_measure not in MEASURES:
-        raise KLoRAError(f"unknown progress measure {progress_measure!r}: expected one of {MEASURES}")
-    if beta is None or beta < 0:
-        beta = schedule.DEFAULTS[pattern][1]
-    alpha, beta = schedule.check_alpha_beta(alpha, beta)
+    options.check_choice("scope", scope, SCOPES)
+    options.check_choice("outside_scope", outside_scope, OUTSIDE_CHOICES)
+    options.check_choice("progress_measure", progress_measure, MEASURES)
+    alpha, beta, pattern = options.check_schedule(alpha, options.BETA.default if beta is None else beta, pattern)
 
     model_sd = model_patcher.model_state_dict()
     subject_patches, s_matched, s_unmatched = _parse(subject, model_patcher)
@@ -197,7 +181,7 @@ def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: flo
         details = score_units(switched, subject_patches, style_patches, model_patcher, subject, style,
                               progress=lambda done, total: pbar.update_absolute(done, total))
         try:
-            plan = plan_from_scores(scaled_details(details, s_strength, t_strength), subject_only, style_only,
+            plan = plan_from_scores(scores_at_strengths(details, s_strength, t_strength), subject_only, style_only,
                                     alpha, beta, pattern)
         except KLoRAError as exc:
             raise KLoRAError(f"{subject.label()} + {style.label()}: {exc}") from None

@@ -10,11 +10,12 @@ import comfy.lora
 import comfy.lora_convert
 import folder_paths
 
-from ..klora_core import schedule
+from ..klora_core import options, schedule
 from ..klora_core.errors import KLoRAError
-from .fuse import OUTSIDE_BOTH, OUTSIDE_CHOICES, SCOPE_ATTENTION, SCOPES, fuse_model
+from ..klora_core.options import (ALPHA, BETA, MEASURE_NOISE, MEASURES, OUTSIDE_BOTH, OUTSIDE_CHOICES,
+                                  SCOPE_ATTENTION, SCOPES, STEPS, STRENGTH)
+from .fuse import fuse_model
 from .handles import STYLE, SUBJECT, file_signature, make_handle
-from .sampling_progress import MEASURE_NOISE, MEASURES
 from .selection_map import selection_map_outputs
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class _LoRALoaderBase:
                 "lora_name": (folder_paths.get_filename_list("loras"), {
                     "tooltip": f"The {role} LoRA file, from ComfyUI's loras folder."}),
                 "strength": ("FLOAT", {
-                    "default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
+                    "default": STRENGTH.default, "min": STRENGTH.lo, "max": STRENGTH.hi, "step": STRENGTH.step,
                     "tooltip": f"Strength of the {role} delta on the diffusion model whenever K-LoRA chooses it "
                                "(like LoraLoader's strength_model). The choice itself does not depend on it."}),
             },
@@ -66,7 +67,7 @@ class _LoRALoaderBase:
                 "clip": ("CLIP", {"tooltip": "Optional: apply the file's text-encoder part to this CLIP, as "
                                              "LoraLoader does (DreamBooth subject LoRAs often train it)."}),
                 "strength_clip": ("FLOAT", {
-                    "default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
+                    "default": STRENGTH.default, "min": STRENGTH.lo, "max": STRENGTH.hi, "step": STRENGTH.step,
                     "tooltip": "Strength of the text-encoder part (only used when CLIP is connected)."}),
             },
         }
@@ -83,6 +84,8 @@ class _LoRALoaderBase:
 
     def load(self, lora_name, strength, clip=None, strength_clip=1.0):
         label = f"{self.ROLE} LoRA '{lora_name}'"
+        strength = options.STRENGTH.check(f"{label}: strength", strength)
+        strength_clip = options.STRENGTH.check(f"{label}: strength_clip", strength_clip)
         handle = make_handle(self.ROLE, lora_name, _lora_path(lora_name, label), strength)
         if clip is not None:
             clip, _ = apply_clip_part(clip, handle.state_dict, strength_clip)
@@ -121,11 +124,11 @@ class KLoRAFuse:
                                "alpha*p+beta, subject early, style late. 's*' (paper's supplement, recommended "
                                "for FLUX): (alpha*p+beta) mod alpha, style first ~15%, then subject, then style."}),
                 "alpha": ("FLOAT", {
-                    "default": 1.5, "min": 0.0, "max": 10.0, "step": 0.05,
+                    "default": ALPHA.default, "min": ALPHA.lo, "max": ALPHA.hi, "step": ALPHA.step,
                     "tooltip": "Slope of the style factor over progress p (paper: 1.5). Higher favours the style "
                                "later in sampling; 0 removes the time dependence."}),
                 "beta": ("FLOAT", {
-                    "default": -1.0, "min": -1.0, "max": 10.0, "step": 0.025,
+                    "default": BETA.default, "min": BETA.lo, "max": BETA.hi, "step": BETA.step,
                     "tooltip": "Offset of the style factor. -1 = the pattern's paper default (0.5 for s, 1.275 "
                                "for s*). Higher favours the style. alpha = beta = 0 selects the subject everywhere."}),
                 "scope": (list(SCOPES), {
@@ -144,7 +147,7 @@ class KLoRAFuse:
             },
             "optional": {
                 "map_steps": ("INT", {
-                    "default": 20, "min": 1, "max": 150,
+                    "default": STEPS.default, "min": STEPS.lo, "max": STEPS.hi,
                     "tooltip": "Columns of the selection map (set it to your sampler's steps). Only the picture "
                                "uses it; sampling follows the sampler's real progress."}),
             },
@@ -164,9 +167,10 @@ class KLoRAFuse:
                    "style factor. No training.")
 
     def fuse(self, model, subject, style, pattern, alpha, beta, scope, outside_scope, progress_measure,
-             map_steps=20):
+             map_steps=STEPS.default):
         result = fuse_model(model, subject, style, alpha=alpha, beta=beta, pattern=pattern, scope=scope,
                             outside_scope=outside_scope, progress_measure=progress_measure)
+        map_steps = options.STEPS.check("map_steps", map_steps)
         image, ui_image = selection_map_outputs(result.plan, map_steps)
         ui = {"text": [result.report]}
         if ui_image is not None:

@@ -6,28 +6,25 @@ LoKr, DoRA, ...) one weight at a time so at most one is held.
 
 The decision only needs, per shared weight, the top-K and L1 sums of both
 deltas at strength 1; strengths and the schedule (alpha, beta, pattern) are
-applied afterwards (:func:`scaled_details`), so changing them never rescores.
+applied afterwards (:func:`klora_core.plan.scores_at_strengths`), so changing them never rescores.
 Cache key: both files' content hashes (not names) plus the unit key.
 """
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import replace
 
 import torch
 
-import comfy.lora
-import comfy.model_patcher
 from comfy.weight_adapter.base import WeightAdapterBase
-from comfy.weight_adapter.lora import LoRAAdapter
 
 from ..klora_core.errors import KLoRAError
-from ..klora_core.weight_keys import display_key, weight_name
+from ..klora_core.weight_keys import display_key
 from ..klora_core.plan import WeightScore
 from ..klora_core.batched import batched_delta_stats
 from ..klora_core.scoring import delta_shape2d, delta_stats
-from .units import is_parts, parts_patch_list, unit_offset
+from .adapters import adapter_rank, dense_delta, factors_of
+from .units import is_parts
 
 logger = logging.getLogger(__name__)
 
@@ -42,62 +39,6 @@ def clear_score_cache() -> None:
 
 def score_cache_size() -> int:
     return len(_SCORE_CACHE)
-
-
-def factors_of(value):
-    """``(up, down, scale, rank)`` of a plain LoRA patch, or None for anything else."""
-    if isinstance(value, LoRAAdapter):
-        up, down, alpha, mid, dora_scale, reshape = value.weights[:6]
-        if mid is None and dora_scale is None and reshape is None:
-            rank = int(down.shape[0])
-            scale = 1.0 if alpha is None else float(alpha) / rank
-            return up, down, scale, rank
-    return None
-
-
-def adapter_rank(value, dense: torch.Tensor) -> int:
-    """Rank used for K when a delta is dense (LoHa, LoKr, DoRA, LoCon with mid, diff patches).
-
-    The inner dimension of the adapter's factors where it has one; otherwise the
-    smaller side of the 2-D delta (K then covers most of the weight).
-    """
-    weights = getattr(value, "weights", None)
-    name = getattr(value, "name", "")
-    try:
-        if name == "lora":
-            return int(weights[1].shape[0])
-        if name == "loha":
-            return int(weights[1].shape[0])
-        if name == "lokr":
-            for factor in (weights[6], weights[4]):  # w2_b, w1_b
-                if factor is not None:
-                    return int(factor.shape[0])
-    except (TypeError, IndexError, AttributeError):
-        pass
-    flat = dense.reshape(dense.shape[0], -1) if dense.dim() > 1 else dense.reshape(1, -1)
-    return int(min(flat.shape))
-
-
-@torch.no_grad()
-def dense_delta(value, unit_key, model_patcher, device) -> torch.Tensor:
-    """The delta of any patch value at strength 1, by patching a float32 copy and subtracting."""
-    name = weight_name(unit_key)
-    offset, function = unit_offset(unit_key)
-    weight, _, convert_func = comfy.model_patcher.get_key_weight(model_patcher.model, name)
-    backup = model_patcher.backup.get(name)
-    if backup is not None:
-        weight = backup.weight
-    base = weight.to(device=device, dtype=torch.float32, copy=True)
-    if convert_func is not None:
-        base = convert_func(base, inplace=True)
-    if is_parts(value):  # the whole weight, all of this side's slices
-        patched = comfy.lora.calculate_weight(parts_patch_list(value, 1.0), base.clone(), name)
-    else:
-        patched = comfy.lora.calculate_weight([(1.0, value, 1.0, offset, function)], base.clone(), name)
-    delta = patched - base
-    if offset is not None:
-        delta = delta.narrow(offset[0], offset[1], offset[2])
-    return delta
 
 
 def _delta_and_rank(value, unit_key, model_patcher, device, label):
@@ -223,13 +164,3 @@ def _is_out_of_memory(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
-
-
-def scaled_details(details: dict, subject_strength: float, style_strength: float) -> dict:
-    """Scores of the deltas at the LoRAs' strengths (sums scale with |strength|)."""
-    s, t = abs(subject_strength), abs(style_strength)
-    return {
-        key: replace(d, subject_topk=d.subject_topk * s, style_topk=d.style_topk * t,
-                     subject_l1=d.subject_l1 * s, style_l1=d.style_l1 * t)
-        for key, d in details.items()
-    }

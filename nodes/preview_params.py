@@ -6,19 +6,18 @@ file names is given); the HTTP handlers are in ``nodes/routes.py``.
 
 Request (GET query string, or POST with a JSON object body):
 
-============== ======== ==================================================
-parameter      default  meaning
-============== ======== ==================================================
-subject        required file name as listed in ComfyUI's loras folder
-style          required file name as listed in ComfyUI's loras folder
-subject_strength 1.0    -100..100 (as "Load Subject LoRA")
-style_strength 1.0      -100..100
-alpha          1.5      0..10
-beta           -1       -1..10; negative = the pattern's default
-pattern        "s"      "s" or "s*"
+============== ==================================================
+parameter      meaning (ranges and defaults: ``klora_core/options.py``, the same as the node's)
+============== ==================================================
+subject        required: file name as listed in ComfyUI's loras folder
+style          required: file name as listed in ComfyUI's loras folder
+subject_strength  as "Load Subject LoRA"'s strength
+style_strength as "Load Style LoRA"'s strength
+alpha, beta    as K-LoRA Fuse's (beta negative = the pattern's default)
+pattern        "s" or "s*"
 scope          "attention projections" or "all shared weights"
-map_steps      20       1..150 (columns)
-============== ======== ==================================================
+map_steps      as K-LoRA Fuse's map_steps (columns)
+============== ==================================================
 
 Every problem is a :class:`PreviewRequestError`: HTTP 400 with ``{"error":
 {"type", "param", "message"}}``, ``type`` ``invalid_parameter`` or
@@ -33,16 +32,9 @@ import ntpath
 import posixpath
 from dataclasses import dataclass
 
-from ..klora_core import schedule
+from ..klora_core import options, schedule
+from ..klora_core.options import ALPHA, BETA, SCOPE_ATTENTION, SCOPES, STEPS, STRENGTH
 
-SCOPE_ATTENTION = "attention projections"  # same strings as nodes/fuse.py (kept import-light here)
-SCOPE_ALL = "all shared weights"
-SCOPES = (SCOPE_ATTENTION, SCOPE_ALL)
-
-STRENGTH_RANGE = (-100.0, 100.0)
-ALPHA_RANGE = (0.0, 10.0)
-BETA_RANGE = (-1.0, 10.0)
-STEPS_RANGE = (1, 150)
 MAX_NAME_CHARS = 1024
 
 PARAMS = ("subject", "style", "subject_strength", "style_strength", "alpha", "beta", "pattern", "scope",
@@ -73,17 +65,17 @@ class PreviewParams:
 
     subject: str
     style: str
-    subject_strength: float = 1.0
-    style_strength: float = 1.0
-    alpha: float = 1.5
-    beta: float = -1.0
+    subject_strength: float = STRENGTH.default
+    style_strength: float = STRENGTH.default
+    alpha: float = ALPHA.default
+    beta: float = BETA.default
     pattern: str = schedule.PATTERN_S
     scope: str = SCOPE_ATTENTION
-    map_steps: int = 20
+    map_steps: int = STEPS.default
 
     @property
     def resolved_beta(self) -> float:
-        return schedule.DEFAULTS[self.pattern][1] if self.beta < 0 else self.beta
+        return options.resolve_beta(self.beta, self.pattern)
 
 
 # ---------------------------------------------------------------- validation
@@ -117,10 +109,11 @@ def _check_name(param: str, value, names) -> str:
     return value
 
 
-def _check_number(param: str, value, default: float, lo: float, hi: float, from_query: bool) -> float:
-    """``value`` as a finite float in ``[lo, hi]`` (``default`` when absent); text only from a query string."""
+def _check_number(param: str, value, spec: options.NumberRange, from_query: bool) -> float:
+    """``value`` as a finite float in the option's range (its default when absent); text only from a query string."""
+    lo, hi = spec.lo, spec.hi
     if value is None:
-        return default
+        return spec.default
     if isinstance(value, bool):
         raise PreviewRequestError(param, f"{param} must be a number, got {json.dumps(value)}")
     if isinstance(value, str) and from_query:
@@ -142,10 +135,11 @@ def _check_number(param: str, value, default: float, lo: float, hi: float, from_
     return number
 
 
-def _check_int(param: str, value, default: int, lo: int, hi: int, from_query: bool) -> int:
-    """``value`` as an int in ``[lo, hi]`` (``default`` when absent); a JSON float only when integral."""
+def _check_int(param: str, value, spec: options.NumberRange, from_query: bool) -> int:
+    """``value`` as an int in the option's range (its default when absent); a JSON float only when integral."""
+    lo, hi = spec.lo, spec.hi
     if value is None:
-        return default
+        return spec.default
     if isinstance(value, bool):
         raise PreviewRequestError(param, f"{param} must be an integer, got {json.dumps(value)}")
     if isinstance(value, str) and from_query:
@@ -195,13 +189,11 @@ def parse_params(raw, from_query: bool, names=None) -> PreviewParams:
     return PreviewParams(
         subject=_check_name("subject", raw.get("subject"), names),
         style=_check_name("style", raw.get("style"), names),
-        subject_strength=_check_number("subject_strength", raw.get("subject_strength"), 1.0, *STRENGTH_RANGE,
-                                       from_query),
-        style_strength=_check_number("style_strength", raw.get("style_strength"), 1.0, *STRENGTH_RANGE,
-                                     from_query),
-        alpha=_check_number("alpha", raw.get("alpha"), 1.5, *ALPHA_RANGE, from_query),
-        beta=_check_number("beta", raw.get("beta"), -1.0, *BETA_RANGE, from_query),
+        subject_strength=_check_number("subject_strength", raw.get("subject_strength"), STRENGTH, from_query),
+        style_strength=_check_number("style_strength", raw.get("style_strength"), STRENGTH, from_query),
+        alpha=_check_number("alpha", raw.get("alpha"), ALPHA, from_query),
+        beta=_check_number("beta", raw.get("beta"), BETA, from_query),
         pattern=_check_choice("pattern", raw.get("pattern"), schedule.PATTERN_S, schedule.PATTERNS),
         scope=_check_choice("scope", raw.get("scope"), SCOPE_ATTENTION, SCOPES),
-        map_steps=_check_int("map_steps", raw.get("map_steps"), 20, *STEPS_RANGE, from_query),
+        map_steps=_check_int("map_steps", raw.get("map_steps"), STEPS, from_query),
     )

@@ -37,7 +37,7 @@ import os
 import sys
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from ..klora_core import schedule
 from ..klora_core.errors import KLoRAError
@@ -124,7 +124,7 @@ def _score(subject_path: str, style_path: str, p: PreviewParams) -> _Scored:
     else:
         in_scope = shared
     kept = set(in_scope)
-    plan = build_plan({k: subject[k] for k in in_scope}, {k: style[k] for k in in_scope}, 1.5, 0.5, "s")
+    plan = build_plan({k: subject[k] for k in in_scope}, {k: style[k] for k in in_scope})  # scores only; schedule later
     return _Scored(
         details=dict(plan.details),
         subject_only=tuple(k for k in subject if k not in style),
@@ -169,17 +169,14 @@ def scored_pair(p: PreviewParams):
 
 def make_plan(p: PreviewParams):
     """``(plan or None, scored, cache_hit, notes)``; plan None when a strength is 0."""
-    from ..klora_core.plan import plan_from_scores
+    from ..klora_core.plan import plan_from_scores, scores_at_strengths
 
     scored, hit = scored_pair(p)
     notes = []
     if p.subject_strength == 0.0 or p.style_strength == 0.0:
         notes.append("one strength is 0: K-LoRA has nothing to balance, so every weight takes the other LoRA")
         return None, scored, hit, notes
-    s, t = abs(p.subject_strength), abs(p.style_strength)
-    details = {k: replace(d, subject_topk=d.subject_topk * s, style_topk=d.style_topk * t,
-                          subject_l1=d.subject_l1 * s, style_l1=d.style_l1 * t)
-               for k, d in scored.details.items()}
+    details = scores_at_strengths(scored.details, p.subject_strength, p.style_strength)
     plan = plan_from_scores(details, scored.subject_only, scored.style_only, p.alpha, p.resolved_beta, p.pattern)
     return plan, scored, hit, notes
 

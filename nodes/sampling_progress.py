@@ -19,15 +19,12 @@ Two measures (spec: "The time-dependent style factor"):
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 
-logger = logging.getLogger(__name__)
+from ..klora_core.options import MEASURE_NOISE, MEASURE_STEPS, MEASURES  # noqa: F401  (defined once there)
 
-MEASURE_NOISE = "noise level"
-MEASURE_STEPS = "step count"
-MEASURES = (MEASURE_NOISE, MEASURE_STEPS)
+logger = logging.getLogger(__name__)
 
 #: Bisection iterations: 2**-48 (~4e-15) is far below any decision margin that matters.
 _BISECTION_STEPS = 48

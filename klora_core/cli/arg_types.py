@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from ..errors import KLoRAError
+
 
 def finite_number(text: str) -> float:
     """``text`` as a finite float (no nan/inf)."""
@@ -31,6 +33,23 @@ def int_in_range(lo: int, hi: int, what: str):
         if not lo <= value <= hi:
             raise argparse.ArgumentTypeError(f"{what} must be between {lo} and {hi}, got {value}")
         return value
+    return parse
+
+
+def option_value(spec, what: str):
+    """A converter of ``text`` to a value of the option ``spec`` (a :class:`klora_core.options.NumberRange`):
+    the same range and the same message as the node and the preview route; ``what`` (``"--alpha"``) names it."""
+    def parse(text: str):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a number, got {text!r}") from None
+        if spec.integer and value.is_integer():
+            value = int(value)
+        try:
+            return spec.check(what, value)
+        except KLoRAError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
     return parse
 
 

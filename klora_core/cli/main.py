@@ -21,13 +21,14 @@ import math
 import os
 import sys
 
-from .arg_types import finite_number, int_in_range
+from .. import options
 from ..errors import KLoRAError
+from ..options import ALPHA, BETA, CLI_SCOPES, PATTERNS, STEPS, STRENGTH
+from .arg_types import option_value
 
 log = logging.getLogger(__name__)
 
 PROG = "python -m klora_core"
-MAX_STEPS = 10000
 
 _DESCRIPTION = """\
 K-LoRA fuses a subject LoRA and a style LoRA by choosing, for every attention
@@ -125,19 +126,24 @@ def _add_pair_arguments(m: argparse.ArgumentParser) -> None:
     """The options ``map`` and ``inspect`` share."""
     m.add_argument("subject", nargs="?", metavar="SUBJECT", help="subject LoRA (.safetensors); omit both files for the demo pair")
     m.add_argument("style", nargs="?", metavar="STYLE", help="style LoRA (.safetensors)")
-    m.add_argument("--steps", type=int_in_range(1, MAX_STEPS, "--steps"), default=20,
-                   help="sampling steps (columns), 1-%d; step i has progress i/steps (default 20)" % MAX_STEPS)
-    m.add_argument("--pattern", choices=["s", "s*"], default="s",
+    m.add_argument("--steps", type=option_value(STEPS, "--steps"), default=STEPS.default,
+                   help=f"sampling steps (columns), {STEPS.lo}-{STEPS.hi}; step i has progress i/steps "
+                        f"(default {STEPS.default})")
+    m.add_argument("--pattern", choices=list(PATTERNS), default=options.PATTERN_S,
                    help="style-factor schedule: s = alpha*p + beta (paper's main results), "
                         "s* = (alpha*p + beta) mod alpha (supplement; suits FLUX) (default s)")
-    m.add_argument("--alpha", type=finite_number, default=None, help="schedule slope (default 1.5)")
-    m.add_argument("--beta", type=finite_number, default=None,
-                   help="schedule offset (default 0.5 for s, 1.275 for s*)")
-    m.add_argument("--subject-strength", type=finite_number, default=1.0, metavar="X",
+    m.add_argument("--alpha", type=option_value(ALPHA, "--alpha"), default=ALPHA.default,
+                   help=f"schedule slope, {ALPHA.lo:g}-{ALPHA.hi:g} (default {ALPHA.default:g})")
+    m.add_argument("--beta", type=option_value(BETA, "--beta"), default=BETA.default,
+                   help=f"schedule offset, 0-{BETA.hi:g}; a negative value = the pattern's default "
+                        "(0.5 for s, 1.275 for s*) (default -1)")
+    m.add_argument("--subject-strength", type=option_value(STRENGTH, "--subject-strength"),
+                   default=STRENGTH.default, metavar="X",
                    help="subject LoRA strength (scales its delta; the choice itself is invariant to it) (default 1)")
-    m.add_argument("--style-strength", type=finite_number, default=1.0, metavar="X",
+    m.add_argument("--style-strength", type=option_value(STRENGTH, "--style-strength"),
+                   default=STRENGTH.default, metavar="X",
                    help="style LoRA strength (default 1)")
-    m.add_argument("--scope", choices=["attention", "all"], default="attention",
+    m.add_argument("--scope", choices=list(CLI_SCOPES), default="attention",
                    help="weights to schedule: attention projections q/k/v/out of the diffusion model "
                         "(the paper's choice) or every weight both LoRAs cover (default attention)")
     m.add_argument("--out", default="selection_map.png", metavar="PNG", help="where to write the map (default selection_map.png)")
@@ -211,7 +217,7 @@ def run_map(args) -> int:
     except OSError as exc:
         raise KLoRAError(f"{folder}: cannot create the output folder ({exc.strerror or exc})") from None
     subject, style = _load_pair(args)
-    plan = build_plan(subject, style, args.alpha, args.beta, args.pattern)
+    plan = build_plan(subject, style, args.alpha, options.resolve_beta(args.beta, args.pattern), args.pattern)
     render_selection_map(plan, args.steps, path=args.out, title=args.title)
     if args.table:
         sys.stdout.write(selection_table(plan, args.steps))
@@ -280,7 +286,7 @@ def run_inspect(args) -> int:
         raise KLoRAError(f"the subject LoRA looks like {facts[0]['family']} but the style LoRA like "
                          f"{facts[1]['family']}; both must fit the same base model")
     family = families.pop() if families else "unknown"
-    plan = build_plan(subject, style, args.alpha, args.beta, args.pattern)
+    plan = build_plan(subject, style, args.alpha, options.resolve_beta(args.beta, args.pattern), args.pattern)
     steps = args.steps
     selection = plan.selection(steps)
     render_selection_map(plan, steps, path=args.out, title=args.title)

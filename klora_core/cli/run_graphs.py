@@ -8,15 +8,13 @@ command and the tests find each node's outputs in ComfyUI's history entry.
 """
 from __future__ import annotations
 
+from ..options import CLI_MEASURES, CLI_SCOPES, STEPS
+
 #: Node ids of the workflow (API format), kept stable so reports and tests can find nodes.
 IDS = {
     "model": "1", "clip": "2", "vae": "3", "subject": "4", "style": "5", "fuse": "6", "positive": "7",
     "negative": "8", "latent": "9", "sampler": "10", "decode": "11", "save": "12", "map": "13",
 }
-
-#: ``--scope`` and ``--progress-measure`` values -> the K-LoRA Fuse combo values they select.
-SCOPE_CHOICES = {"attention": "attention projections", "all": "all shared weights"}
-MEASURE_CHOICES = {"noise": "noise level", "steps": "step count"}
 
 
 def build_workflow(opts, names: dict, seed: int, alpha: float, beta: float, prefix: str) -> dict:
@@ -41,9 +39,9 @@ def build_workflow(opts, names: dict, seed: int, alpha: float, beta: float, pref
         "lora_name": names["style"], "strength": opts.style_strength, "clip": [i["subject"], 1], "strength_clip": 1.0}}
     g[i["fuse"]] = {"class_type": "KLoRAFuse", "inputs": {
         "model": model, "subject": [i["subject"], 0], "style": [i["style"], 0], "pattern": opts.pattern,
-        "alpha": float(alpha), "beta": float(beta), "scope": SCOPE_CHOICES[opts.scope],
-        "outside_scope": opts.outside_scope, "progress_measure": MEASURE_CHOICES[opts.progress_measure],
-        "map_steps": max(1, min(150, opts.steps))}}
+        "alpha": float(alpha), "beta": float(beta), "scope": CLI_SCOPES[opts.scope],
+        "outside_scope": opts.outside_scope, "progress_measure": CLI_MEASURES[opts.progress_measure],
+        "map_steps": max(STEPS.lo, min(STEPS.hi, opts.steps))}}
     g[i["positive"]] = {"class_type": "CLIPTextEncode", "inputs": {"text": opts.prompt, "clip": [i["style"], 1]}}
     g[i["negative"]] = {"class_type": "CLIPTextEncode", "inputs": {"text": opts.negative, "clip": [i["style"], 1]}}
     g[i["latent"]] = {"class_type": "EmptyLatentImage", "inputs": {

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 
-from .arg_types import finite_number, float_list, int_in_range
-from .comfy.client import DEFAULT_PROMPT_TIMEOUT
+from .. import options
 from ..errors import KLoRAError
-from .run_graphs import MEASURE_CHOICES, SCOPE_CHOICES
+from ..options import ALPHA, BETA, CLI_MEASURES, CLI_SCOPES, OUTSIDE_CHOICES, PATTERNS, STEPS, STRENGTH
+from .arg_types import finite_number, float_list, int_in_range, option_value
+from .comfy.client import DEFAULT_PROMPT_TIMEOUT
 
 RUN_EPILOG = """\
 examples:
@@ -72,9 +73,11 @@ def build_run_parser(subparsers) -> argparse.ArgumentParser:
                         help="subject LoRA (default: the generated demo subject LoRA)")
     models.add_argument("--style", metavar="NAME_OR_PATH", default=None,
                         help="style LoRA (default: the generated demo style LoRA)")
-    models.add_argument("--subject-strength", type=finite_number, default=1.0, metavar="X",
+    models.add_argument("--subject-strength", type=option_value(STRENGTH, "--subject-strength"),
+                        default=STRENGTH.default, metavar="X",
                         help="strength of the subject delta whenever it is chosen (default 1)")
-    models.add_argument("--style-strength", type=finite_number, default=1.0, metavar="X",
+    models.add_argument("--style-strength", type=option_value(STRENGTH, "--style-strength"),
+                        default=STRENGTH.default, metavar="X",
                         help="strength of the style delta whenever it is chosen (default 1)")
     models.add_argument("--demo-seed", type=int, default=None, metavar="N",
                         help="seed of the generated demo models (default 2025)")
@@ -84,8 +87,8 @@ def build_run_parser(subparsers) -> argparse.ArgumentParser:
     sampling.add_argument("--negative", default="blurry, low quality", help="negative prompt (default: %(default)r)")
     sampling.add_argument("--seed", type=int, action="append", default=None, metavar="N",
                           help="noise seed; repeat for several images (default 0)")
-    sampling.add_argument("--steps", type=int_in_range(1, 150, "--steps"), default=20,
-                          help="sampling steps, 1-150 (default 20)")
+    sampling.add_argument("--steps", type=option_value(STEPS, "--steps"), default=STEPS.default,
+                          help=f"sampling steps, {STEPS.lo}-{STEPS.hi} (default {STEPS.default})")
     sampling.add_argument("--cfg", type=finite_number, default=7.0, help="classifier-free guidance scale (default 7)")
     sampling.add_argument("--sampler", default="euler", help="KSampler sampler_name (default euler)")
     sampling.add_argument("--scheduler", default="normal", help="KSampler scheduler (default normal)")
@@ -94,18 +97,20 @@ def build_run_parser(subparsers) -> argparse.ArgumentParser:
     sampling.add_argument("--height", type=int_in_range(64, 8192, "--height"), default=None,
                           help="image height, multiple of 8 (same default)")
     klora = r.add_argument_group("K-LoRA")
-    klora.add_argument("--pattern", choices=["s", "s*"], default="s",
+    klora.add_argument("--pattern", choices=list(PATTERNS), default=options.PATTERN_S,
                        help="style-factor schedule: s = alpha*p + beta (paper), s* = (alpha*p + beta) mod alpha "
                             "(supplement; FLUX) (default s)")
-    klora.add_argument("--alpha", type=finite_number, default=1.5, help="schedule slope, 0-10 (default 1.5)")
-    klora.add_argument("--beta", type=finite_number, default=-1.0,
-                       help="schedule offset, 0-10; -1 = the pattern's default, 0.5 for s, 1.275 for s* (default -1)")
-    klora.add_argument("--scope", choices=sorted(SCOPE_CHOICES), default="attention",
+    klora.add_argument("--alpha", type=option_value(ALPHA, "--alpha"), default=ALPHA.default,
+                       help=f"schedule slope, {ALPHA.lo:g}-{ALPHA.hi:g} (default {ALPHA.default:g})")
+    klora.add_argument("--beta", type=option_value(BETA, "--beta"), default=BETA.default,
+                       help=f"schedule offset, 0-{BETA.hi:g}; a negative value = the pattern's default, 0.5 for s, "
+                            "1.275 for s* (default -1)")
+    klora.add_argument("--scope", choices=sorted(CLI_SCOPES), default="attention",
                        help="weights K-LoRA switches: attention projections (paper) or all shared weights "
                             "(default attention)")
-    klora.add_argument("--outside-scope", choices=["both", "subject", "style", "none"], default="both",
+    klora.add_argument("--outside-scope", choices=list(OUTSIDE_CHOICES), default=options.OUTSIDE_BOTH,
                        help="shared weights outside the scope get both LoRAs, one, or none (default both)")
-    klora.add_argument("--progress-measure", choices=sorted(MEASURE_CHOICES), default="noise",
+    klora.add_argument("--progress-measure", choices=sorted(CLI_MEASURES), default="noise",
                        help="sampling progress p from the noise level or by counting steps (default noise)")
     klora.add_argument("--grid", nargs=2, type=float_list, metavar=("ALPHAS", "BETAS"), default=None,
                        help="render every alpha x beta combination (comma-separated lists, e.g. "
@@ -143,11 +148,9 @@ def check_run_options(args) -> None:
             raise KLoRAError(f"--{name} must be a multiple of 8, got {getattr(args, name)}")
     alphas, betas = grid_axes(args)
     for a in alphas:
-        if not 0.0 <= a <= 10.0:
-            raise KLoRAError(f"alpha must be between 0 and 10, got {a:g}")
+        ALPHA.check("--grid alpha" if args.grid else "--alpha", a)
     for b in betas:
-        if not (b == -1.0 or 0.0 <= b <= 10.0):
-            raise KLoRAError(f"beta must be between 0 and 10 (or -1 for the pattern default), got {b:g}")
+        BETA.check("--grid beta" if args.grid else "--beta", b)
     if args.grid and len(alphas) * len(betas) > 64:
         raise KLoRAError(f"--grid asks for {len(alphas) * len(betas)} images; at most 64")
     if args.timeout <= 0:
