@@ -20,6 +20,7 @@ __all__ = [
     "SCOPE_ATTENTION", "SCOPE_ALL", "SCOPES",
     "OUTSIDE_BOTH", "OUTSIDE_SUBJECT", "OUTSIDE_STYLE", "OUTSIDE_NONE", "OUTSIDE_CHOICES",
     "MEASURE_NOISE", "MEASURE_STEPS", "MEASURES", "CLI_SCOPES", "CLI_MEASURES",
+    "FLIP_CACHE_AUTO", "FLIP_CACHE_OFF", "FLIP_CACHE_ON", "FLIP_CACHES",
     "NumberRange", "STRENGTH", "ALPHA", "BETA", "STEPS", "resolve_beta", "check_choice", "check_schedule",
 ]
 
@@ -39,6 +40,12 @@ OUTSIDE_CHOICES = (OUTSIDE_BOTH, OUTSIDE_SUBJECT, OUTSIDE_STYLE, OUTSIDE_NONE)
 MEASURE_NOISE = "noise level"
 MEASURE_STEPS = "step count"
 MEASURES = (MEASURE_NOISE, MEASURE_STEPS)
+
+# ---- kept variants: whether a flip swaps in a kept copy of the weight (docs/flips.md) ---------
+FLIP_CACHE_AUTO = "auto"  # keep them when the device holding the weights has the memory free
+FLIP_CACHE_OFF = "off"    # re-bake at every flip; memory as a plain LoRA merge
+FLIP_CACHE_ON = "on"      # always keep them (extra memory = the switched weights' size)
+FLIP_CACHES = (FLIP_CACHE_AUTO, FLIP_CACHE_OFF, FLIP_CACHE_ON)
 
 #: Command-line spellings (``--scope attention``) of the node's combo values.
 CLI_SCOPES = {"attention": SCOPE_ATTENTION, "all": SCOPE_ALL}

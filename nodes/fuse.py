@@ -20,9 +20,10 @@ from .adapters import lora_factors
 from .handles import LoRAHandle
 from .comfy_key_map import load_lora_patches
 from .patching import MODE_BAKE, MODE_LIVE, MODES, FuseRun, install, make_switches
-from ..klora_core.options import (MEASURE_NOISE, MEASURES, OUTSIDE_BOTH, OUTSIDE_CHOICES, OUTSIDE_STYLE,
-                                  OUTSIDE_SUBJECT, SCOPE_ALL, SCOPE_ATTENTION, SCOPES)
+from ..klora_core.options import (FLIP_CACHE_AUTO, FLIP_CACHES, MEASURE_NOISE, MEASURES, OUTSIDE_BOTH,
+                                  OUTSIDE_CHOICES, OUTSIDE_STYLE, OUTSIDE_SUBJECT, SCOPE_ALL, SCOPE_ATTENTION, SCOPES)
 from .pair_scores import score_units
+from .rebake import describe as describe_flips
 from .units import expand, unify_layouts, unit_offset
 
 logger = logging.getLogger(__name__)
@@ -134,11 +135,12 @@ def _log_once(tag: str, message: str) -> None:
 
 def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: float = 1.5, beta: float = -1.0,
                pattern: str = schedule.PATTERN_S, scope: str = SCOPE_ATTENTION, outside_scope: str = OUTSIDE_BOTH,
-               progress_measure: str = MEASURE_NOISE, mode: str = None) -> FuseResult:
+               progress_measure: str = MEASURE_NOISE, mode: str = None, flip_cache: str = FLIP_CACHE_AUTO) -> FuseResult:
     """Return a clone of ``model_patcher`` that applies K-LoRA during sampling, and a text report.
 
     ``beta < 0`` means the pattern's paper default (s: 0.5, s*: 1.275).
     ``mode`` forces MODE_BAKE or MODE_LIVE (default: chosen by :func:`choose_patcher_and_mode`).
+    ``flip_cache``: kept variants auto / off / on (nodes/rebake.py).
     """
     if not isinstance(subject, LoRAHandle) or subject.role != "subject":
         raise KLoRAError("the subject input must come from a 'Load Subject LoRA' node")
@@ -147,6 +149,7 @@ def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: flo
     options.check_choice("scope", scope, SCOPES)
     options.check_choice("outside_scope", outside_scope, OUTSIDE_CHOICES)
     options.check_choice("progress_measure", progress_measure, MEASURES)
+    options.check_choice("flip_cache", flip_cache, FLIP_CACHES)
     alpha, beta, pattern = options.check_schedule(alpha, options.BETA.default if beta is None else beta, pattern)
 
     model_sd = model_patcher.model_state_dict()
@@ -203,8 +206,12 @@ def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: flo
         winner, strength = (style_patches, t_strength) if s_strength == 0.0 else (subject_patches, s_strength)
         fused.add_patches(expand(winner, switched), strength)
     else:
-        run = FuseRun(plan, progress_measure, mode)
+        run = FuseRun(plan, progress_measure, mode, flip_cache=flip_cache)
         install(fused, run, make_switches(plan.keys, subject_patches, style_patches, s_strength, t_strength, run))
+        if mode == MODE_BAKE:
+            names = {weight_name(k) for k in plan.keys}
+            notes.append(describe_flips(flip_cache, sum(model_sd[n].numel() * model_sd[n].element_size()
+                                                        for n in names), len(names)))
     if merged:
         notes.append(f"{len(merged)} weights are covered by both files in different layouts (e.g. a fused qkv "
                      "and separate q/k/v): each is switched as one whole weight")

@@ -12,8 +12,8 @@ import folder_paths
 
 from ..klora_core import options, schedule
 from ..klora_core.errors import KLoRAError
-from ..klora_core.options import (ALPHA, BETA, MEASURE_NOISE, MEASURES, OUTSIDE_BOTH, OUTSIDE_CHOICES,
-                                  SCOPE_ATTENTION, SCOPES, STEPS, STRENGTH)
+from ..klora_core.options import (ALPHA, BETA, FLIP_CACHE_AUTO, FLIP_CACHES, MEASURE_NOISE, MEASURES, OUTSIDE_BOTH,
+                                  OUTSIDE_CHOICES, SCOPE_ATTENTION, SCOPES, STEPS, STRENGTH)
 from .fuse import fuse_model
 from .handles import STYLE, SUBJECT, file_signature, make_handle
 from .selection_map import selection_map_outputs
@@ -150,6 +150,12 @@ class KLoRAFuse:
                     "default": STEPS.default, "min": STEPS.lo, "max": STEPS.hi,
                     "tooltip": "Columns of the selection map (set it to your sampler's steps). Only the picture "
                                "uses it; sampling follows the sampler's real progress."}),
+                "flip_cache": (list(FLIP_CACHES), {
+                    "default": FLIP_CACHE_AUTO,
+                    "tooltip": "Kept variants: keep both baked versions of every switched weight so a flip is a "
+                               "swap (extra memory = the switched weights' size). auto: only when the device "
+                               "holding the weights has that much free; off: re-bake at every flip (memory as "
+                               "a plain LoRA merge); on: always."}),
             },
         }
 
@@ -167,9 +173,9 @@ class KLoRAFuse:
                    "style factor. No training.")
 
     def fuse(self, model, subject, style, pattern, alpha, beta, scope, outside_scope, progress_measure,
-             map_steps=STEPS.default):
+             map_steps=STEPS.default, flip_cache=FLIP_CACHE_AUTO):
         result = fuse_model(model, subject, style, alpha=alpha, beta=beta, pattern=pattern, scope=scope,
-                            outside_scope=outside_scope, progress_measure=progress_measure)
+                            outside_scope=outside_scope, progress_measure=progress_measure, flip_cache=flip_cache)
         map_steps = options.STEPS.check("map_steps", map_steps)
         image, ui_image = selection_map_outputs(result.plan, map_steps)
         ui = {"text": [result.report]}

@@ -40,8 +40,10 @@ import comfy.patcher_extension
 import comfy.utils
 from comfy.patcher_extension import WrappersMP
 
+from ..klora_core.options import FLIP_CACHE_AUTO
 from ..klora_core.weight_keys import weight_name
 from ..klora_core.tracker import ChoiceTracker
+from .rebake import REBAKE_BATCHED, Rebaker
 from .sampling_progress import MEASURE_NOISE, ProgressMeter, current_sigma
 from .switch import KLoRASwitch
 from .units import patch_entry
@@ -72,11 +74,13 @@ class FuseRun:
     copies wrapper lists and patch lists, not the objects in them).
     """
 
-    def __init__(self, plan, measure: str = MEASURE_NOISE, mode: str = MODE_BAKE):
+    def __init__(self, plan, measure: str = MEASURE_NOISE, mode: str = MODE_BAKE, flip_cache: str = FLIP_CACHE_AUTO,
+                 rebake_way: str = REBAKE_BATCHED):
         self.plan = plan
         self.measure = measure
         self.mode = mode
         self.tracker = ChoiceTracker(plan, initial_progress=0.0)
+        self.rebaker = Rebaker(self.tracker, rebake_way, flip_cache)  # nodes/rebake.py: how a flip reaches the weights
         self._meter = None
         self._meter_sigmas = None
         self.rebaked = 0  # weights re-baked since install (for tests and benchmarks)
@@ -88,12 +92,14 @@ class FuseRun:
         patcher = getattr(guider, "model_patcher", None)
         self._meter = None
         self._meter_sigmas = None
+        self.rebaker.begin_pass()
         try:
             return executor(*args, **kwargs)
         finally:
             self._meter = None
             self._meter_sigmas = None
             self.restore(patcher)
+            self.rebaker.end_pass()
 
     def apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         base_model = executor.class_obj
@@ -105,6 +111,7 @@ class FuseRun:
                 if changed:
                     self.flip_events += 1
                     if self.mode == MODE_BAKE:
+                        self.rebaker.note_input(base_model, x)
                         self.rebake(patcher, changed)
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
@@ -119,21 +126,8 @@ class FuseRun:
         return self._meter(current_sigma(transformer_options, t))
 
     def rebake(self, patcher, unit_keys) -> int:
-        """Re-compute the baked weights behind ``unit_keys`` from their originals."""
-        names = dict.fromkeys(weight_name(k) for k in unit_keys)
-        count = 0
-        for name in names:
-            backup = patcher.backup.get(name)
-            if backup is None:
-                continue  # offloaded (live LowVramPatch) or not loaded: nothing baked
-            weight, _, _ = comfy.model_patcher.get_key_weight(patcher.model, name)
-            device = weight.device
-            if backup.inplace_update:
-                comfy.utils.copy_to_param(patcher.model, name, backup.weight)
-            else:
-                comfy.utils.set_attr_param(patcher.model, name, backup.weight)
-            patcher.patch_weight_to_device(name, device_to=device)
-            count += 1
+        """Make the baked weights behind ``unit_keys`` follow the current choice (nodes/rebake.py)."""
+        count = self.rebaker.rebake(patcher, unit_keys)
         self.rebaked += count
         return count
 
@@ -147,6 +141,7 @@ class FuseRun:
         except Exception:
             logger.exception("K-LoRA: could not restore %d weights after sampling; unloading models so "
                              "ComfyUI restores the originals", len(changed))
+            self.rebaker.forget()
             comfy.model_management.unload_all_models()
 
 
