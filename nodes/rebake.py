@@ -167,7 +167,7 @@ class Rebaker:
                 fallback.append((name, old))
                 continue
             # In place (no allocation) unless the old tensor is kept or is the original itself.
-            new = keep or old.untyped_storage().data_ptr() == job.original.untyped_storage().data_ptr()
+            new = keep or old.data_ptr() == job.original.data_ptr()
             jobs.append(job)
             olds.append(old)
             fresh.append(new)
