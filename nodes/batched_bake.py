@@ -154,6 +154,14 @@ def _bmm_exact(device: torch.device, u: torch.Tensor, d: torch.Tensor, out: torc
     return _BMM_EXACT[key]
 
 
+def _stacked(tensors: list, device) -> torch.Tensor:
+    """``tensors`` (equal shapes) as one float32 [n, ...] tensor on ``device`` (exact casts)."""
+    source = tensors[0].device
+    if any(t.device != source for t in tensors):
+        tensors = [t.to(device) for t in tensors]
+    return torch.stack([t.to(torch.float32) for t in tensors]).to(device)
+
+
 def _scaled_deltas(ops: list, device, workspace: torch.Tensor) -> list:
     """``[scale * (up @ down)]`` float32 on ``device`` for ``ops`` (views into ``workspace``), grouped by shape."""
     by_shape: dict = {}
@@ -165,11 +173,9 @@ def _scaled_deltas(ops: list, device, workspace: torch.Tensor) -> list:
         count = len(members)
         out = workspace[start:start + count * rows * cols].view(count, rows, cols)
         start += count * rows * cols
-        ups = torch.empty((count, rows, rank), dtype=torch.float32, device=device)
-        downs = torch.empty((count, rank, cols), dtype=torch.float32, device=device)
-        for slot, index in enumerate(members):
-            ups[slot].copy_(ops[index].up)  # ComfyUI: cast_to_device(up, device, float32)
-            downs[slot].copy_(ops[index].down)
+        # ComfyUI: cast_to_device(up / down, device, float32); stacked where they are, moved in one copy each.
+        ups = _stacked([ops[i].up for i in members], device)
+        downs = _stacked([ops[i].down for i in members], device)
         torch.bmm(ups, downs, out=out)
         if not _bmm_exact(torch.device(device), ups, downs, out):
             for slot in range(count):

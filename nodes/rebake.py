@@ -128,8 +128,8 @@ class Rebaker:
         except Exception:  # not every model class / version has it
             self._inference_bytes = 0
 
-    def forget(self, *args) -> None:
-        """Drop kept variants and scratch (ComfyUI detached the model, or a flip failed)."""
+    def forget(self) -> None:
+        """Drop kept variants and scratch (a flip or the restore failed: their labels cannot be trusted)."""
         self.store.clear()
         self._workspace = None
 
@@ -175,7 +175,9 @@ class Rebaker:
         if jobs:
             bake_jobs(jobs, targets, self._workspace_for, self.chunk_bytes)
             for job, target, new in zip(jobs, targets, fresh):
-                if new:
+                if new and patcher.backup[job.name].inplace_update:
+                    comfy.utils.copy_to_param(patcher.model, job.name, target)  # keep ComfyUI's Parameter object
+                elif new:
                     comfy.utils.set_attr_param(patcher.model, job.name, target)
             self.stats.batched += len(jobs)
         for name, _ in fallback:
@@ -230,6 +232,6 @@ def describe(flip_cache: str, switched_bytes: int, n_weights: int) -> str:
     if flip_cache == FLIP_CACHE_ON:
         return f"flips: kept variants on (both baked versions of {n_weights} switched weights: +{size}); a flip is a swap"
     if flip_cache == FLIP_CACHE_OFF:
-        return f"flips: batched re-bakes (kept variants off); memory as a plain LoRA merge"
+        return "flips: batched re-bakes (kept variants off); memory as a plain LoRA merge"
     return (f"flips: kept variants auto: on when the device holding the weights has {size} free beyond ComfyUI's "
             f"reserve (a flip is then a swap), else batched re-bakes; decided when sampling starts (see the log)")

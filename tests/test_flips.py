@@ -405,3 +405,25 @@ def test_failure_in_the_middle_of_a_flip(klora_pack, tmp_path, monkeypatch, way)
 
     comfy.model_management.unload_all_models()
     assert all(torch.equal(v, before[k]) for k, v in model.model.state_dict().items())
+
+
+@pytest.mark.parametrize("way", ["batched", "kept variants"])
+def test_model_updating_weights_in_place(klora_pack, tmp_path, way):
+    """``weight_inplace_update`` patchers keep their Parameter objects: re-bakes write into them, and there is
+    no second tensor to swap in, so kept variants stay off (saying why)."""
+    model = tiny_models.build_model("sd15", seed=0)
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    hs, ht, truth_s, truth_t = _handles(klora_pack, tmp_path, model)
+    result = _fuse(model, hs, ht, way)
+    result.model.weight_inplace_update = True
+    params = dict(model.model.named_parameters())
+    ref = brute_force.BruteForce("sd15", 0, truth_s, truth_t, full_sigmas=_full_sigmas(model, "sgm_uniform", 8))
+    torch.testing.assert_close(_sample(result.model, "sd15", 8), _sample(ref.patcher, "sd15", 8), atol=ATOL,
+                               rtol=RTOL)
+    assert all(p is params[n] for n, p in model.model.named_parameters())  # the same objects throughout
+    stats = result.run.rebaker.stats
+    assert stats.batched > 0 and stats.swapped == 0 and stats.keep is False
+    if way == "kept variants":
+        assert "in place" in stats.keep_reason
+    result.model.unpatch_model()
+    assert all(torch.equal(v, before[k]) for k, v in model.model.state_dict().items())
