@@ -13,9 +13,5 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-VPY="$(bash scripts/setup_comfyui_env.sh | tail -n 1)"
-if [[ ! -x "$VPY" ]]; then
-  echo "bench/flips.sh: environment setup did not print a python path (got '$VPY')" >&2
-  exit 1
-fi
-exec "$VPY" bench/flips.py "$@"
+# The environment's python is the setup script's last line (exec fails loudly if it printed none).
+exec "$(bash scripts/setup_comfyui_env.sh | tail -n 1)" bench/flips.py "$@"

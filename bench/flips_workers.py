@@ -13,6 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import sdxl_full  # noqa: E402
+from memory import RssPoller  # noqa: E402  (bench/memory.py)
 
 KLORA_WAYS = {  # method -> (re-bake way, flip_cache)
     "one by one": ("one by one", "off"), "batched": ("batched", "off"),
@@ -195,28 +196,18 @@ def _status_kib() -> dict:
     return out
 
 
-class MemoryPoller:
-    """Peak RssAnon and RssFile, polled every 10 ms in a thread."""
+class MemoryPoller(RssPoller):
+    """bench/memory.py's RSS poller, also keeping the peaks of RssAnon and RssFile (``.status``, KiB)."""
 
     def __init__(self):
-        import threading
-
-        self.peak = _status_kib()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(interval=0.01)
+        self.status = _status_kib()
 
     def _run(self):
-        while not self._stop.wait(0.01):
+        while not self._stop.is_set():
             for key, value in _status_kib().items():
-                self.peak[key] = max(self.peak[key], value)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+                self.status[key] = max(self.status[key], value)
+            time.sleep(self.interval)
 
 
 def worker_weights(args) -> dict:
@@ -259,7 +250,7 @@ def worker_memory(args) -> dict:
             sdxl_full.sample(patcher, s, conds, 0)
     mib = 1024 ** 2
     res = {"method": args.method, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "peak_anon_mib": poller.peak["RssAnon"] / 1024, "peak_file_mib": poller.peak["RssFile"] / 1024,
+           "peak_anon_mib": poller.status["RssAnon"] / 1024, "peak_file_mib": poller.status["RssFile"] / 1024,
            "anon_before_mib": baseline["RssAnon"] / 1024}
     if cuda:
         res["cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / mib

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""Smoke test of the benchmark: ``bench/bench.py --quick`` produces the table, the JSON and the .md.
+"""Smoke tests of the benchmarks: ``bench/bench.py --quick`` and ``bench/flips.py --quick`` produce the
+table, the JSON and the .md.
 
 Runs the real driver (tiny model, a few seconds per part; about 30-60 s on
 this project's 2-core CPU machine, most of it process start-up and ComfyUI
@@ -21,18 +22,23 @@ from support import comfy_env
 REPO = comfy_env.REPO_ROOT
 
 
-@pytest.mark.slow
-def test_bench_quick_writes_table_and_json(tmp_path):
+def run_quick(script: str, tmp_path, timeout: float):
+    """``bench/<script> --quick`` into ``tmp_path`` (date "smoke") with the interpreter running pytest."""
     try:
         comfy_env.find_comfy_root()
     except comfy_env.ComfyEnvError as exc:
         pytest.fail(str(exc), pytrace=False)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "bench.py"), "--quick", "--out-dir", str(tmp_path), "--date", "smoke"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300,
+    return subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), "--quick", "--out-dir", str(tmp_path), "--date", "smoke"],
+        cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, timeout=timeout,
     )
+
+
+@pytest.mark.slow
+def test_bench_quick_writes_table_and_json(tmp_path):
+    t0 = time.perf_counter()
+    proc = run_quick("bench.py", tmp_path, 300)
     elapsed = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the table is the last thing printed
@@ -58,3 +64,20 @@ def test_bench_quick_writes_table_and_json(tmp_path):
     assert data["memory"]["klora"]["peak_rss_mib"] > 0 and data["memory"]["merge"]["peak_rss_mib"] > 0
     # generous bound: the target is < 60 s, but other jobs share this machine's two cores
     assert elapsed < 240, f"quick benchmark took {elapsed:.0f} s"
+
+
+@pytest.mark.slow
+def test_flips_bench_quick(tmp_path):
+    """bench/flips.py --quick: tiny SDXL-shaped UNet, one round, the three memory processes (about a minute).
+    The full-size run (``bash bench/flips.sh``) is a benchmark, not a test."""
+    proc = run_quick("flips.py", tmp_path, 400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "smoke-flips-cpu-quick.json").read_text())
+    assert (tmp_path / "smoke-flips-cpu-quick.md").read_text() == proc.stdout
+    size = data["time"]["sizes"]["64"]
+    assert size["klora_ways_bit_identical"] is True
+    med = size["median"]
+    assert med["one by one"]["computed"] > 0 and med["one by one"]["swapped"] == 0
+    assert med["kept"]["computed"] == 0 and med["kept"]["swapped"] > 0  # second kept image: swaps only
+    assert set(data["memory"]) == {"merge", "batched", "kept"} and data["memory"]["kept"]["kept_bytes"] > 0
+    assert "| 64 px | kept |" in proc.stdout and "bit-identical latents: True" in proc.stdout

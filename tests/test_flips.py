@@ -20,7 +20,7 @@ from support import klora_reference
 from support import lora_factory
 from support import tiny_models
 from test_fuse_exact import ATOL, RTOL, _full_sigmas, _handles, _sample
-from test_fuse_integration import _fail_at, _interrupt_at, _plain_lora
+from test_fuse_integration import _fail_at, _interrupt_at, _plain_lora, partially_loaded
 
 #: way -> (re-bake way, flip_cache), spelled out here rather than read from the code under test.
 WAYS = {
@@ -259,21 +259,11 @@ def test_base_bit_identical_after_runs(klora_pack, tmp_path, way, how):
 @pytest.mark.parametrize("way", list(WAYS))
 def test_partially_loaded_model_exact(klora_pack, tmp_path, way):
     """Half the modules offloaded (LowVramPatch reads the switches live), the rest re-baked the chosen way."""
-    import comfy.patcher_extension
-
     model = tiny_models.build_model("sd15", seed=0)
     hs, ht, truth_s, truth_t = _handles(klora_pack, tmp_path, model)
     result = _fuse(model, hs, ht, way)
-    lowvram = result.model.clone()
     seen = {}
-
-    def partial(executor, patcher, *args, **kwargs):
-        out = executor(patcher, *args, **kwargs)
-        patcher.partially_unload(patcher.offload_device, memory_to_free=patcher.model_size() // 2)
-        seen["patches"] = patcher.model.lowvram_patch_counter
-        return out
-
-    lowvram.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, "test.partial", partial)
+    lowvram = partially_loaded(result.model, seen)
     ref = brute_force.BruteForce("sd15", 0, truth_s, truth_t, full_sigmas=_full_sigmas(model, "sgm_uniform", 8))
     expected = _sample(ref.patcher, "sd15", 8)
     for _ in range(2):

@@ -106,23 +106,30 @@ def test_base_model_bit_identical_after_sampling(klora_pack, tmp_path, how):
 
 
 # ---------------------------------------------------------------- lowvram
-def test_forced_partial_load_is_exact(klora_pack, tmp_path):
-    """Half the modules offloaded (ComfyUI's LowVramPatch computes them live); the rest baked and re-baked."""
+def partially_loaded(patcher, seen: dict):
+    """A clone of ``patcher`` that ComfyUI loads with half its modules offloaded (lowvram: LowVramPatch);
+    ``seen`` gets the load's ``lowvram`` flag and its count of lowvram patches."""
     import comfy.patcher_extension
 
-    model = tiny_models.build_model(FAMILY, seed=0)
-    result, _, _, truth_s, truth_t = _fused(klora_pack, tmp_path, model)
-    lowvram = result.model.clone()
-    seen = {}
+    clone = patcher.clone()
 
-    def partial(executor, patcher, *args, **kwargs):
-        out = executor(patcher, *args, **kwargs)
-        patcher.partially_unload(patcher.offload_device, memory_to_free=patcher.model_size() // 2)
-        seen["lowvram"] = patcher.model.model_lowvram
-        seen["patches"] = patcher.model.lowvram_patch_counter
+    def partial(executor, loaded, *args, **kwargs):
+        out = executor(loaded, *args, **kwargs)
+        loaded.partially_unload(loaded.offload_device, memory_to_free=loaded.model_size() // 2)
+        seen["lowvram"] = loaded.model.model_lowvram
+        seen["patches"] = loaded.model.lowvram_patch_counter
         return out
 
-    lowvram.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, "test.partial", partial)
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, "test.partial", partial)
+    return clone
+
+
+def test_forced_partial_load_is_exact(klora_pack, tmp_path):
+    """Half the modules offloaded (ComfyUI's LowVramPatch computes them live); the rest baked and re-baked."""
+    model = tiny_models.build_model(FAMILY, seed=0)
+    result, _, _, truth_s, truth_t = _fused(klora_pack, tmp_path, model)
+    seen = {}
+    lowvram = partially_loaded(result.model, seen)
     full = _sample(result.model, FAMILY, 8)
     partial_out = _sample(lowvram, FAMILY, 8)
     assert seen["lowvram"] and seen["patches"] > 0
