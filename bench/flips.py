@@ -22,7 +22,7 @@ steps) and restore time (after sampling) come from wrapping the run's
 ``rebake`` / ``restore``.  The three K-LoRA ways must give bit-identical
 latents (checked every round).  Then one process per method measures peak
 memory (CPU: peak RSS; CUDA: peak allocated).  Results: bench/results/
-<date>-flips-<device>[-quick].json and .md; the table is printed last.
+<date>-flips-[<sizes>px-]<device>[-quick].json and .md; the table is printed last.
 """
 from __future__ import annotations
 
@@ -104,7 +104,8 @@ def main() -> int:
         print(flips_table.render(json.loads(Path(args.table_from).read_text())), end="")
         return 0
     date = args.date or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    stem = f"{date}-flips-{args.device}" + ("-quick" if args.quick else "")
+    sizes = "-".join(map(str, args.sizes or [])) + "px-" if args.sizes else ""
+    stem = f"{date}-flips-{sizes}{args.device}" + ("-quick" if args.quick else "")
     command = "bash bench/flips.sh " + " ".join(a for a in sys.argv[1:] if not a.startswith("--out-dir"))
     res = {"date": date, "command": command.strip(), "machine": dict(common.machine(), device=args.device),
            "quick": args.quick, "goals": {"kept_over_merge_cpu_256": GOAL_KEPT, "memory_over_merge": GOAL_MEMORY}}
