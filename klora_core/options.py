@@ -20,6 +20,7 @@ __all__ = [
     "SCOPE_ATTENTION", "SCOPE_ALL", "SCOPES",
     "OUTSIDE_BOTH", "OUTSIDE_SUBJECT", "OUTSIDE_STYLE", "OUTSIDE_NONE", "OUTSIDE_CHOICES",
     "MEASURE_NOISE", "MEASURE_STEPS", "MEASURES", "CLI_SCOPES", "CLI_MEASURES",
+    "MODE_AUTO", "MODE_BAKE", "MODE_BYPASS", "MODE_LIVE", "MODE_CHOICES", "RUN_MODES",
     "NumberRange", "STRENGTH", "ALPHA", "BETA", "STEPS", "resolve_beta", "check_choice", "check_schedule",
 ]
 
@@ -39,6 +40,16 @@ OUTSIDE_CHOICES = (OUTSIDE_BOTH, OUTSIDE_SUBJECT, OUTSIDE_STYLE, OUTSIDE_NONE)
 MEASURE_NOISE = "noise level"
 MEASURE_STEPS = "step count"
 MEASURES = (MEASURE_NOISE, MEASURE_STEPS)
+
+# ---- how the per-step choice reaches the weights (docs/modes.md) -----------------------------
+MODE_AUTO = "auto"
+MODE_BAKE = "bake"
+MODE_BYPASS = "bypass"
+MODE_LIVE = "live"
+#: What the K-LoRA Fuse node's ``mode`` input offers (auto picks one of the other three).
+MODE_CHOICES = (MODE_AUTO, MODE_BAKE, MODE_BYPASS, MODE_LIVE)
+#: The modes a fused model actually runs in.
+RUN_MODES = (MODE_BAKE, MODE_BYPASS, MODE_LIVE)
 
 #: Command-line spellings (``--scope attention``) of the node's combo values.
 CLI_SCOPES = {"attention": SCOPE_ATTENTION, "all": SCOPE_ALL}

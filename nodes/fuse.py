@@ -19,15 +19,15 @@ from ..klora_core.plan import plan_from_scores, scores_at_strengths
 from .adapters import lora_factors
 from .handles import LoRAHandle
 from .comfy_key_map import load_lora_patches
-from .patching import MODE_BAKE, MODE_LIVE, MODES, FuseRun, install, make_switches
-from ..klora_core.options import (MEASURE_NOISE, MEASURES, OUTSIDE_BOTH, OUTSIDE_CHOICES, OUTSIDE_STYLE,
-                                  OUTSIDE_SUBJECT, SCOPE_ALL, SCOPE_ATTENTION, SCOPES)
+from .patching import FuseRun, install, make_switches
+from ..klora_core.options import (MEASURE_NOISE, MEASURES, MODE_AUTO, MODE_CHOICES, OUTSIDE_BOTH, OUTSIDE_CHOICES,
+                                  OUTSIDE_STYLE, OUTSIDE_SUBJECT, SCOPE_ALL, SCOPE_ATTENTION, SCOPES)
+from .bypass import install_bypass
+from .modes import choose_mode
 from .pair_scores import score_units
 from .units import expand, unify_layouts, unit_offset
 
 logger = logging.getLogger(__name__)
-
-_LOGGED: set = set()
 
 
 @dataclass
@@ -98,47 +98,13 @@ def _model_order(model_sd: dict, units) -> list:
     return sorted(units, key=sort_key)
 
 
-def choose_patcher_and_mode(model_patcher):
-    """``(patcher, mode)`` for the fused clone; mode is MODE_BAKE or MODE_LIVE (see nodes/patching.py).
-
-    Current ComfyUI's dynamic VRAM mode keeps patched weights cached per layer
-    and would not notice a re-bake.  Feature-detected: use ComfyUI's public
-    non-dynamic delegate (as its own hook LoRAs do) and bake; if there is none,
-    or it fails, stay dynamic and apply the chosen delta live through weight
-    wrappers, which ComfyUI runs at every forward in every mode (exact, slower).
-    Each fallback is logged once.
-    """
-    is_dynamic = getattr(model_patcher, "is_dynamic", None)
-    if is_dynamic is None or not is_dynamic():
-        return model_patcher, MODE_BAKE
-    delegate = getattr(model_patcher, "get_non_dynamic_delegate", None)
-    try:
-        candidate = delegate() if delegate is not None else None
-    except Exception as exc:  # e.g. "cached_patcher_init is not initialized"
-        logger.debug("non-dynamic delegate failed: %s", exc)
-        candidate = None
-    if candidate is not None and not getattr(candidate, "is_dynamic", lambda: False)():
-        _log_once("delegate", "K-LoRA: dynamic VRAM caches patched weights, so K-LoRA models run on ComfyUI's "
-                              "non-dynamic patcher (exact per-step switching)")
-        return candidate, MODE_BAKE
-    _log_once("live", "K-LoRA: no non-dynamic patcher is available in dynamic VRAM mode; applying the chosen "
-                      "LoRA live at every forward (exact, slower)")
-    return model_patcher, MODE_LIVE
-
-
-def _log_once(tag: str, message: str) -> None:
-    if tag not in _LOGGED:
-        _LOGGED.add(tag)
-        logger.info(message)
-
-
 def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: float = 1.5, beta: float = -1.0,
                pattern: str = schedule.PATTERN_S, scope: str = SCOPE_ATTENTION, outside_scope: str = OUTSIDE_BOTH,
-               progress_measure: str = MEASURE_NOISE, mode: str = None) -> FuseResult:
+               progress_measure: str = MEASURE_NOISE, mode: str = MODE_AUTO) -> FuseResult:
     """Return a clone of ``model_patcher`` that applies K-LoRA during sampling, and a text report.
 
     ``beta < 0`` means the pattern's paper default (s: 0.5, s*: 1.275).
-    ``mode`` forces MODE_BAKE or MODE_LIVE (default: chosen by :func:`choose_patcher_and_mode`).
+    ``mode``: one of options.MODE_CHOICES (auto: chosen by :func:`.modes.choose_mode`).
     """
     if not isinstance(subject, LoRAHandle) or subject.role != "subject":
         raise KLoRAError("the subject input must come from a 'Load Subject LoRA' node")
@@ -147,6 +113,7 @@ def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: flo
     options.check_choice("scope", scope, SCOPES)
     options.check_choice("outside_scope", outside_scope, OUTSIDE_CHOICES)
     options.check_choice("progress_measure", progress_measure, MEASURES)
+    mode = options.check_choice("mode", MODE_AUTO if mode is None else mode, MODE_CHOICES)
     alpha, beta, pattern = options.check_schedule(alpha, options.BETA.default if beta is None else beta, pattern)
 
     model_sd = model_patcher.model_state_dict()
@@ -186,10 +153,9 @@ def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: flo
         except KLoRAError as exc:
             raise KLoRAError(f"{subject.label()} + {style.label()}: {exc}") from None
 
-    fused, auto_mode = choose_patcher_and_mode(model_patcher.clone())
-    mode = mode or auto_mode
-    if mode not in MODES:
-        raise KLoRAError(f"unknown mode {mode!r}: expected one of {MODES}")
+    choice = None if plan is None else choose_mode(model_patcher, mode, plan.keys, subject_patches, style_patches,
+                                                   subject, style)
+    fused = model_patcher.clone() if choice is None else choice.patcher
     if subject_only:
         fused.add_patches(expand(subject_patches, subject_only), s_strength)
     if style_only:
@@ -203,8 +169,10 @@ def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: flo
         winner, strength = (style_patches, t_strength) if s_strength == 0.0 else (subject_patches, s_strength)
         fused.add_patches(expand(winner, switched), strength)
     else:
-        run = FuseRun(plan, progress_measure, mode)
+        run = FuseRun(plan, progress_measure, choice.mode)
         install(fused, run, make_switches(plan.keys, subject_patches, style_patches, s_strength, t_strength, run))
+        if choice.forms is not None:
+            install_bypass(fused, choice.forms, run.tracker)
     if merged:
         notes.append(f"{len(merged)} weights are covered by both files in different layouts (e.g. a fused qkv "
                      "and separate q/k/v): each is switched as one whole weight")
@@ -217,7 +185,10 @@ def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: flo
         "style_matched": t_matched, "style_unmatched": t_unmatched,
         "switched": len(switched), "outside": len(outside),
         "subject_only": len(subject_only), "style_only": len(style_only),
+        "mode": None if choice is None else choice.mode,
     }
+    if choice is not None:
+        notes.insert(0, f"mode {choice.mode}: {choice.reason}")
     report = _report(model_patcher, subject, style, plan, stats, switched, outside, outside_scope,
                      subject_only, style_only, progress_measure, scope, notes, alpha, beta, pattern)
     logger.info("%s", report.splitlines()[0])

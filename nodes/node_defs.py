@@ -150,6 +150,13 @@ class KLoRAFuse:
                     "default": STEPS.default, "min": STEPS.lo, "max": STEPS.hi,
                     "tooltip": "Columns of the selection map (set it to your sampler's steps). Only the picture "
                                "uses it; sampling follows the sampler's real progress."}),
+                "mode": (list(options.MODE_CHOICES), {
+                    "default": options.MODE_AUTO, "advanced": True,
+                    "tooltip": "How the chosen LoRA reaches each weight. auto: bake on ComfyUI's classic patcher, "
+                               "bypass with dynamic VRAM. bake: re-bake weights when a choice flips (no cost per "
+                               "step). bypass: weights untouched, the LoRA is added at forward time (plain and conv "
+                               "LoRAs only). live: delta added at every forward (slowest). The report says which "
+                               "ran and why."}),
             },
         }
 
@@ -167,9 +174,9 @@ class KLoRAFuse:
                    "style factor. No training.")
 
     def fuse(self, model, subject, style, pattern, alpha, beta, scope, outside_scope, progress_measure,
-             map_steps=STEPS.default):
+             map_steps=STEPS.default, mode=options.MODE_AUTO):
         result = fuse_model(model, subject, style, alpha=alpha, beta=beta, pattern=pattern, scope=scope,
-                            outside_scope=outside_scope, progress_measure=progress_measure)
+                            outside_scope=outside_scope, progress_measure=progress_measure, mode=mode)
         map_steps = options.STEPS.check("map_steps", map_steps)
         image, ui_image = selection_map_outputs(result.plan, map_steps)
         ui = {"text": [result.report]}

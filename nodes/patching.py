@@ -26,6 +26,9 @@ current ComfyUI's dynamic VRAM mode without a non-dynamic delegate): no switch
 patches; a ComfyUI weight wrapper per weight adds the currently chosen delta to
 a copy of the weight at every forward.  Exact, but it pays the delta at every
 forward like the authors' code.
+
+``MODE_BYPASS``: weights untouched; :mod:`.bypass` adds the chosen LoRA's
+low-rank term to each switched module's output (the mode choice: :mod:`.modes`).
 """
 from __future__ import annotations
 
@@ -41,16 +44,13 @@ import comfy.utils
 from comfy.patcher_extension import WrappersMP
 
 from ..klora_core.weight_keys import weight_name
+from ..klora_core.options import MODE_BAKE, MODE_BYPASS, MODE_LIVE, RUN_MODES as MODES  # noqa: F401 (re-exported)
 from ..klora_core.tracker import ChoiceTracker
 from .sampling_progress import MEASURE_NOISE, ProgressMeter, current_sigma
 from .switch import KLoRASwitch
 from .units import patch_entry
 
 logger = logging.getLogger(__name__)
-
-MODE_BAKE = "bake"
-MODE_LIVE = "live"
-MODES = (MODE_BAKE, MODE_LIVE)
 
 #: Keys our wrappers are registered under (several K-LoRA Fuse nodes may stack on one model).
 OUTER_SAMPLE_KEY = "klora.fuse.outer_sample"
@@ -171,7 +171,8 @@ class LiveSwitches:
 def install(model_patcher, run: FuseRun, switches: dict, strength: float = 1.0) -> None:
     """Add ``switches`` ({unit_key: KLoRASwitch}) to ``model_patcher`` and register ``run``'s wrappers.
 
-    Bake mode: as patches.  Live mode: as weight wrappers.  ``model_patcher``
+    Bake mode: as patches.  Live mode: as weight wrappers.  Bypass mode: only the wrappers (the
+    forward hooks come from :func:`nodes.bypass.install_bypass`).  ``model_patcher``
     must be a clone the caller owns.
     """
     model_sd = model_patcher.model_state_dict()
@@ -184,8 +185,9 @@ def install(model_patcher, run: FuseRun, switches: dict, strength: float = 1.0) 
             by_weight.setdefault(weight_name(unit), []).append((unit, switch))
         for name, entries in by_weight.items():
             model_patcher.add_weight_wrapper(name, LiveSwitches(name, entries))
-    else:
+    elif run.mode == MODE_BAKE:
         model_patcher.add_patches(switches, strength)
+    # MODE_BYPASS: neither patches nor weight wrappers; nodes/bypass.py injects the forward hooks.
     model_patcher.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, OUTER_SAMPLE_KEY, run.outer_sample)
     model_patcher.add_wrapper_with_key(WrappersMP.APPLY_MODEL, APPLY_MODEL_KEY, run.apply_model)
 
