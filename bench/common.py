@@ -84,18 +84,19 @@ def single_thread() -> None:
     torch.set_num_threads(1)
 
 
-def setup_comfy():
-    """Import ComfyUI (CPU) through the tests' helper; return (comfy root, pack module loader)."""
+def setup_comfy(cpu: bool = True):
+    """Import ComfyUI (CPU unless ``cpu=False``) through the tests' helper; return (comfy root, pack module loader)."""
     if str(TESTS_DIR) not in sys.path:
         sys.path.insert(0, str(TESTS_DIR))
     from support import comfy_env  # tests/comfy_env.py
 
-    root = comfy_env.setup_comfy()
+    root = comfy_env.setup_comfy(cpu=cpu)
     return root, comfy_env
 
 
-def start_worker(quick: bool):
-    """What every benchmark process does first: settings, one torch thread, no denormals, ComfyUI (CPU).
+def start_worker(quick: bool, cpu: bool = True):
+    """What every benchmark process does first: settings, one torch thread, no denormals, ComfyUI (CPU unless
+    ``cpu=False``).
 
     Returns ``(settings, comfy_env)``; comfy.sd and comfy.utils are imported.
     """
@@ -104,15 +105,16 @@ def start_worker(quick: bool):
     import torch
 
     torch.set_flush_denormal(True)
-    _, comfy_env = setup_comfy()
+    _, comfy_env = setup_comfy(cpu)
     import comfy.sd  # noqa: F401
     import comfy.utils  # noqa: F401
 
     return s, comfy_env
 
 
-def build_model(config: dict, seed: int = 0):
-    """A float32 SD1.5-class ModelPatcher on the CPU, weights N(0, 1/fan_in) (seeded), norms 1, biases 0.
+def build_model(config: dict, seed: int = 0, dtype=None, load_device=None):
+    """An SD1.5-class ModelPatcher (float32 on the CPU unless ``dtype`` / ``load_device`` say otherwise),
+    weights N(0, 1/fan_in) (seeded), norms 1, biases 0.
 
     Fan-in scaling keeps activations O(1) through 420 M random parameters
     (no overflow, no denormals), so timings reflect ordinary arithmetic.
@@ -122,7 +124,7 @@ def build_model(config: dict, seed: int = 0):
     import comfy.supported_models as sm
 
     model_config = sm.SD15(dict(config))
-    model_config.set_inference_dtype(torch.float32, None)
+    model_config.set_inference_dtype(dtype or torch.float32, None)
     model = model_config.get_model({}, device=torch.device("cpu"))
     model.eval()
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -137,7 +139,7 @@ def build_model(config: dict, seed: int = 0):
             else:
                 p.zero_()
     cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device or cpu, offload_device=cpu)
 
 
 def count_params(model_patcher) -> int:

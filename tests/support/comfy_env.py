@@ -85,10 +85,11 @@ def _module_file_under(name: str, root: Path) -> bool:
         return False
 
 
-def setup_comfy() -> Path:
-    """Make ComfyUI importable in this process (CPU only) and return its root path.
+def setup_comfy(cpu: bool = True) -> Path:
+    """Make ComfyUI importable in this process (CPU only unless ``cpu=False``) and return its root path.
 
-    Idempotent. Raises ComfyEnvError (pointing at scripts/setup_comfyui_env.sh)
+    Idempotent: the first call decides the device (bench/modes.py --device cuda passes
+    ``cpu=False``). Raises ComfyEnvError (pointing at scripts/setup_comfyui_env.sh)
     when ComfyUI is missing or fails to import.
     """
     global _comfy_root
@@ -112,8 +113,8 @@ def setup_comfy() -> Path:
         comfy.options.enable_args_parsing(False)
         import comfy.cli_args
 
-        comfy.cli_args.args.cpu = True
-        import comfy.model_management  # noqa: F401  (device chosen now: CPU)
+        comfy.cli_args.args.cpu = cpu
+        import comfy.model_management  # noqa: F401  (device chosen now)
         import utils.extra_config  # noqa: F401  (must precede ``import nodes``)
         import nodes  # noqa: F401
     except Exception as exc:  # any import failure means a broken environment
