@@ -11,8 +11,9 @@ not mix); writes ``<out-dir>/<date>-modes-<device>[-quick].{json,md}`` and
 prints the markdown table last.
 
 - time: seconds per image and per step (steps 1..N-1; step 0 also holds
-  ComfyUI's patching), medians over interleaved rounds; CUDA timings
-  synchronise the device at every step;
+  ComfyUI's patching), medians over interleaved rounds; on the CPU the
+  process's CPU time (single-threaded torch; other jobs share the cores), on
+  CUDA wall time with the device synchronised at every step;
 - memory: peak resident memory of the process growing while the LoRAs are
   read, the model patched and one image sampled (CPU: RSS polled every 2 ms;
   CUDA: ``torch.cuda.max_memory_allocated``);
@@ -100,19 +101,24 @@ def make_patcher(method, base, files, comfy_env):
     return fused.model, fused
 
 
+def _clock(device: str) -> float:
+    """CUDA: wall time after synchronising.  CPU: this process's CPU time (other jobs share the cores)."""
+    if device == "cuda":
+        _sync(device)
+        return time.perf_counter()
+    return time.process_time()
+
+
 def timed_sample(patcher, s, conds, device):
-    """``(latent, seconds, [seconds per step])`` of one ``comfy.sample.sample`` call."""
+    """``(latent, seconds, [seconds per step])`` of one ``comfy.sample.sample`` call (see _clock)."""
     stamps = []
 
     def callback(step, x0, x, total):
-        _sync(device)
-        stamps.append(time.perf_counter())
+        stamps.append(_clock(device))
 
-    _sync(device)
-    t0 = time.perf_counter()
+    t0 = _clock(device)
     out = common.sample(patcher, s, conds, callback=callback)
-    _sync(device)
-    t1 = time.perf_counter()
+    t1 = _clock(device)
     return out.float().cpu(), t1 - t0, [b - a for a, b in zip([t0] + stamps[:-1], stamps)]
 
 
@@ -197,7 +203,8 @@ def make_table(res: dict) -> str:
         f"{m.get('gpu') if res['device'] == 'cuda' else m['cpu']}, torch {m.get('torch')}. SD1.5-class UNet "
         f"{t['model_params'] / 1e6:.0f} M parameters ({cfg.get('dtype', 'float32')}), {cfg['latent']}x{cfg['latent']} "
         f"latent, {cfg['steps']} steps {cfg['sampler']}, cfg {cfg['cfg']}; kohya LoRAs on every attention "
-        f"projection; medians of {cfg['repeats']} interleaved rounds. Memory: growth of peak "
+        f"projection; medians of {cfg['repeats']} interleaved rounds of "
+        f"{'wall time (device synchronised)' if res['device'] == 'cuda' else 'CPU time, one thread'}. Memory: growth of peak "
         f"{unit} while reading the LoRAs, patching and sampling one image, one process per cell.",
         "",
         "| rank | mode | s / image | vs merge | s / step (1..N-1) | vs merge | peak growth | vs merge | "
