@@ -9,7 +9,8 @@
   LoRAs on every SD1.5 weight (scope 'all shared weights'), and LoCon with a
   Tucker mid factor.  Bypass also against bake: relative error <= 1e-5.
 - Bypass never touches a weight (checked at every step), and the base model is
-  bit-identical after finished, failed and interrupted runs in every mode.
+  bit-identical after finished, failed and interrupted runs in every mode
+  (partial loads and two stacked Fuse nodes per mode: test_fuse_integration.py).
 - The automatic choice, branch by branch, on a fake dynamic VRAM patcher that
   follows current ComfyUI's public surface (tests/support/fake_dynamic.py):
   classic -> bake; dynamic + low-rank LoRAs -> bypass; dynamic + a dense patch
@@ -27,6 +28,7 @@ from support import fake_dynamic
 from support import lora_factory
 from support import tiny_models
 from test_fuse_exact import ATOL, RTOL, _full_sigmas, _handles, _sample
+from test_fuse_integration import _fail_at, _interrupt_at
 
 STEPS = 8
 #: Bypass against bake, relative (Frobenius) error of the sampled latents, float32.
@@ -163,22 +165,6 @@ def test_bypass_never_touches_a_weight(klora_pack, tmp_path):
 
 
 # ------------------------------------------------------------------ restore on every exit path
-def _interrupt_at(step):
-    import comfy.model_management
-
-    def callback(i, *args):
-        if i == step:
-            raise comfy.model_management.InterruptProcessingException()
-    return callback
-
-
-def _fail_at(step):
-    def callback(i, *args):
-        if i == step:
-            raise RuntimeError("boom")
-    return callback
-
-
 @pytest.mark.parametrize("mode", ["bypass", "live", "auto-dynamic"])
 @pytest.mark.parametrize("how", ["finished", "failed", "interrupted"])
 def test_base_model_bit_identical_after_every_run(klora_pack, tmp_path, mode, how):
@@ -203,58 +189,8 @@ def test_base_model_bit_identical_after_every_run(klora_pack, tmp_path, mode, ho
     assert _hooked_modules(model) == []
 
 
-# ------------------------------------------------------------------ lowvram and stacking
-def test_bypass_with_forced_partial_load(klora_pack, tmp_path):
-    """Half the modules offloaded (ComfyUI casts them at every forward): the hooks wrap that path too."""
-    import comfy.patcher_extension
-
-    family = "sd15"
-    model = tiny_models.build_model(family, seed=0)
-    hs, ht, truth_s, truth_t = _handles(klora_pack, tmp_path, model)
-    result = _fuse(model, hs, ht, mode="bypass")
-    lowvram = result.model.clone()
-    seen = {}
-
-    def partial(executor, patcher, *args, **kwargs):
-        out = executor(patcher, *args, **kwargs)
-        patcher.partially_unload(patcher.offload_device, memory_to_free=patcher.model_size() // 2)
-        seen["lowvram"] = patcher.model.model_lowvram
-        return out
-
-    lowvram.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, "test.partial", partial)
-    out = _sample(lowvram, family, STEPS)
-    assert seen["lowvram"]
-    torch.testing.assert_close(out, _reference(family, truth_s, truth_t, model), atol=ATOL, rtol=RTOL)
-
-
-@pytest.mark.parametrize("modes", [("bypass", "bypass"), ("bake", "bypass"), ("bypass", "live")])
-def test_two_fuse_nodes_stacked(klora_pack, tmp_path, modes):
-    """Two pairs on the same weights: hooks stack on one module and leave it clean, whatever the eject order."""
-    from klora_pack.nodes.handles import make_handle
-
-    family = "sd15"
-    model = tiny_models.build_model(family, seed=0)
-    before = _sample(model, family, 4)
-    hs, ht, truth_s, truth_t = _handles(klora_pack, tmp_path, model)
-    (tmp_path / "b").mkdir()
-    sd_s2, truth_s2 = lora_factory.make_lora(model, "diffusers", rank=2, alpha=1.0, seed=31)
-    sd_t2, truth_t2 = lora_factory.make_lora(model, "kohya", rank=5, alpha=None, seed=32)
-    lora_factory.save_lora(sd_s2, tmp_path / "b" / "s2.safetensors")
-    lora_factory.save_lora(sd_t2, tmp_path / "b" / "t2.safetensors")
-    hs2 = make_handle("subject", "s2.safetensors", str(tmp_path / "b" / "s2.safetensors"), 0.9)
-    ht2 = make_handle("style", "t2.safetensors", str(tmp_path / "b" / "t2.safetensors"), 1.1)
-    first = _fuse(model, hs, ht, mode=modes[0])
-    second = _fuse(first.model, hs2, ht2, pattern="s*", beta=-1, mode=modes[1])
-    ours = _sample(second.model, family, 10)
-    ref = brute_force.BruteForce(
-        family, 0, truth_s, truth_t, full_sigmas=_full_sigmas(model, "sgm_uniform", 10),
-        more_pairs=[(truth_s2, truth_t2, (0.9, 1.1), 1.5, 1.275, "s*")])
-    torch.testing.assert_close(ours, _sample(ref.patcher, family, 10), atol=ATOL, rtol=RTOL)
-    assert first.run.flip_events > 0 and second.run.flip_events > 0
-    assert torch.equal(_sample(model, family, 4), before)
-    assert _hooked_modules(model) == []
-
-
+# ------------------------------------------------------------------ the hook chain
+# (forced partial loads and two stacked Fuse nodes in every mode: tests/test_fuse_integration.py)
 def test_hooks_unstack_in_any_order(klora_pack):
     """Unit check of the hook chain: lower hook removed first, a foreign wrapper on top, re-hooking."""
     from klora_pack.nodes.bypass import LowRankTerm, ModuleForm, SwitchedForward, module_geometry
