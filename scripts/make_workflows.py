@@ -38,7 +38,7 @@ WIDGETS = {
     "VAELoader": ["vae_name"],
     "KLoRASubjectLoader": ["lora_name", "strength", "strength_clip"],
     "KLoRAStyleLoader": ["lora_name", "strength", "strength_clip"],
-    "KLoRAFuse": ["pattern", "alpha", "beta", "scope", "outside_scope", "progress_measure", "map_steps"],
+    "KLoRAFuse": ["pattern", "alpha", "beta", "scope", "outside_scope", "progress_measure", "map_steps", "mode"],
     "CLIPTextEncode": ["text"],
     "FluxGuidance": ["guidance"],
     "ConditioningZeroOut": [],
@@ -256,10 +256,12 @@ def add_lora_loaders(g: Graph, family: str, clip, subject_y: int, style_y: int) 
 
 
 def add_fuse(g: Graph, model, subject: int, style: int, pattern: str, beta: float, map_steps: int) -> int:
-    """K-LoRA Fuse with alpha 1.5, attention projections, both LoRAs outside the scope, noise-level progress."""
+    """K-LoRA Fuse with alpha 1.5, attention projections, both LoRAs outside the scope, noise-level progress,
+    mode auto."""
     return g.add("KLoRAFuse", [380, 40], FUSE_SIZE,
                  {"pattern": pattern, "alpha": 1.5, "beta": beta, "scope": "attention projections",
-                  "outside_scope": "both", "progress_measure": "noise level", "map_steps": map_steps},
+                  "outside_scope": "both", "progress_measure": "noise level", "map_steps": map_steps,
+                  "mode": "auto"},
                  {"model": model, "subject": (subject, 0), "style": (style, 0)})
 
 

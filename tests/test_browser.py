@@ -208,7 +208,7 @@ def test_fusion_in_the_browser(live, browser):
         "KLoRASubjectLoader": ["lora_name", "strength", "strength_clip"],
         "KLoRAStyleLoader": ["lora_name", "strength", "strength_clip"],
         "KLoRAFuse": ["pattern", "alpha", "beta", "scope", "outside_scope", "progress_measure", "map_steps",
-                      "klora_preview"],
+                      "mode", "klora_preview"],
     }
     for node_type, widget_names in expected_widgets.items():
         state = page.js(NODE_STATE, node_type)
