@@ -223,6 +223,90 @@ def test_hooks_unstack_in_any_order(klora_pack):
         torch.testing.assert_close(module(x), plain)
 
 
+@pytest.mark.parametrize("conv", [
+    torch.nn.Conv1d(4, 6, 3, stride=2, padding=1, dilation=1),
+    torch.nn.Conv2d(4, 6, (3, 1), stride=1, padding="same", dilation=2),
+    torch.nn.Conv3d(4, 6, 2, stride=(1, 2, 1), padding=(1, 0, 1)),
+])
+def test_conv_term_equals_baked_weight(klora_pack, conv):
+    """Plain torch: the hooked convolution equals one whose weight has ``s * up @ down`` added (1-, 2-, 3-D)."""
+    from klora_pack.nodes.bypass import LowRankTerm, ModuleForm, SwitchedForward, module_geometry
+
+    class Always:
+        def uses_subject(self, unit):
+            return True
+
+    torch.manual_seed(1)
+    kernel = tuple(conv.weight.shape[2:])
+    up, down = torch.randn(6, 3, *(1,) * len(kernel)), torch.randn(3, 4, *kernel)
+    x = torch.randn(2, 4, *(7,) * len(kernel))
+    baked = conv.weight + 0.7 * (up.flatten(1) @ down.flatten(1)).reshape(conv.weight.shape)
+    expected = conv._conv_forward(x, baked, conv.bias)
+    geometry, _ = module_geometry(conv)
+    hook = SwitchedForward(conv, ModuleForm(geometry, [("u", [LowRankTerm(up, down, None, 0.7, (0, 6))], [])]),
+                           Always())
+    with torch.no_grad():
+        hook.hook()
+        torch.testing.assert_close(conv(x), expected, atol=1e-5, rtol=1e-5)
+        hook.unhook()
+
+
+def test_module_geometry_and_why_not(klora_pack):
+    from klora_pack.nodes.bypass import module_geometry
+
+    class DuckLinear(torch.nn.Module):  # newer ComfyUI ops classes do not subclass torch.nn.Linear
+        in_features, out_features = 5, 7
+
+    assert module_geometry(torch.nn.Linear(5, 7))[0][:3] == (0, 5, 7)
+    assert module_geometry(DuckLinear())[0][:3] == (0, 5, 7)
+    assert module_geometry(torch.nn.Conv2d(4, 6, 3, padding=1))[0][:4] == (2, 4, 6, (3, 3))
+    for module, why in ((torch.nn.Conv2d(4, 6, 3, groups=2), "grouped"),
+                        (torch.nn.ConvTranspose2d(4, 6, 3), "transposed"),
+                        (torch.nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"), "padding_mode 'reflect'"),
+                        (torch.nn.LayerNorm(4), "LayerNorm")):
+        geometry, reason = module_geometry(module)
+        assert geometry is None and why in reason
+
+
+def test_which_patches_have_a_low_rank_form(klora_pack):
+    """Real ComfyUI adapters: what bypass takes (with scale and rows) and what it names as impossible."""
+    from comfy.weight_adapter.loha import LoHaAdapter
+    from comfy.weight_adapter.lora import LoRAAdapter
+    from klora_pack.nodes.bypass import Geometry, lowrank_terms
+    from klora_pack.nodes.units import make_parts
+
+    linear = Geometry(0, 8, 12)
+    up, down = torch.randn(4, 2), torch.randn(2, 8)
+    lora = LoRAAdapter(set(), (up, down, 3.0, None, None, None))
+    terms, _ = lowrank_terms(("w", (0, 4, 4)), lora, 0.5, linear)
+    assert terms[0].rows == (4, 4) and terms[0].scale == pytest.approx(0.5 * 3.0 / 2)
+    parts = make_parts([(("w", (0, 0, 4)), lora), (("w", (0, 8, 4)), lora)])
+    assert [t.rows for t in lowrank_terms("w", parts, 1.0, linear)[0]] == [(0, 4), (8, 4)]
+    full = LoRAAdapter(set(), (torch.randn(12, 2), down, None, None, None, None))
+    for value, key, why in (
+            (LoRAAdapter(set(), (up, down, None, None, torch.ones(4), None)), ("w", (0, 0, 4)), "DoRA"),
+            (LoRAAdapter(set(), (up, down, None, None, None, [4, 8])), ("w", (0, 0, 4)), "reshapes"),
+            (LoRAAdapter(set(), (up, down, None, torch.randn(2, 2), None, None)), ("w", (0, 0, 4)), "linear layer"),
+            (full, ("w", (1, 0, 8)), "column slice"),
+            (full, ("w", None, lambda a: a), "transform function"),
+            (LoHaAdapter(set(), (None,) * 8), "w", "a LoHa"),
+            (("diff", (torch.zeros(12, 8),)), "w", "dense 'diff' patch"),
+            (make_parts([(("w", (0, 0, 4)), lora), (("w", (0, 4, 8)), ("diff", (torch.zeros(8, 8),)))]), "w",
+             "dense 'diff' patch")):
+        terms, reason = lowrank_terms(key, value, 1.0, linear)
+        assert terms is None and why in reason, (why, reason)
+
+
+def test_dynamic_without_injections_uses_the_delegate(klora_pack, tmp_path):
+    """A dynamic patcher that cannot inject forward hooks: bypass is impossible, the delegate bakes."""
+    source = fake_dynamic.make_dynamic("sd15")
+    source.set_injections = None
+    hs, ht, *_ = _handles(klora_pack, tmp_path, source)
+    result = _fuse(source, hs, ht)
+    assert result.run.mode == "bake" and "cannot inject forward hooks" in result.report
+    assert source.delegate_calls == 1
+
+
 # ------------------------------------------------------------------ the automatic choice
 def _diff_style(klora_pack, tmp_path, model, seed=22):
     """A style LoRA of dense ``.diff`` patches (no low-rank form) on the square attention weights.
