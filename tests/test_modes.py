@@ -435,11 +435,11 @@ def test_bad_input_fails_before_anything_is_patched(klora_pack, tmp_path, mode):
     from klora_pack.klora_core.errors import KLoRAError
     from klora_pack.nodes.handles import make_handle
 
+    from support import detectable_models
+
     source = fake_dynamic.make_dynamic("sd15")
     before = _sample(source, "sd15", 4)
-    flux = tiny_models.build_model("flux")
-    sd, _ = lora_factory.make_lora(flux, "kohya", rank=2, seed=5)
-    lora_factory.save_lora(sd, tmp_path / "flux.safetensors")
+    detectable_models.write_flux_lora(tmp_path / "flux.safetensors")
     bad = make_handle("subject", "flux.safetensors", str(tmp_path / "flux.safetensors"), 1.0)
     _, ht, *_ = _handles(klora_pack, tmp_path, source)
     with pytest.raises(KLoRAError, match="flux.safetensors"):
