@@ -146,14 +146,16 @@ def count_params(model_patcher) -> int:
     return sum(p.numel() for p in model_patcher.model.diffusion_model.parameters())
 
 
-def make_pair_files(model_patcher, rank: int, folder: Path):
-    """Write a seeded subject and style LoRA (kohya names, every attention projection) and return their paths."""
+def make_pair_files(model_patcher, rank: int, folder: Path, scale: float = 1.0):
+    """Write a seeded subject and style LoRA (kohya names, every attention projection) and return their paths.
+
+    ``scale`` multiplies every up factor (lora_factory.make_lora)."""
     from support import lora_factory  # tests/lora_factory.py
 
     paths = []
     for role, seed in (("subject", 1000 + rank), ("style", 2000 + rank)):
         sd, _ = lora_factory.make_lora(model_patcher, style="kohya", rank=rank, alpha=float(rank), scope="attn",
-                                       seed=seed)
+                                       seed=seed, scale=scale)
         path = folder / f"{role}_r{rank}.safetensors"
         lora_factory.save_lora(sd, path)
         paths.append(path)

@@ -58,6 +58,16 @@ SETTINGS = {
 GOAL_MEMORY = 1.05  # bypass peak / merge peak
 
 
+def lora_scale(rank: int) -> float:
+    """Up-factor multiplier giving deltas about a tenth of the weights' size, as trained LoRAs have.
+
+    The default factory LoRAs are several times larger than these fan-in-scaled
+    random weights; attention then saturates and float32 rounding (of bake as of
+    bypass) is amplified through the layers, which says nothing about the modes.
+    """
+    return 0.3 / rank ** 0.5
+
+
 def settings(device: str, quick: bool, ranks=None) -> dict:
     s = dict(SETTINGS[(device, quick)])
     if ranks:
@@ -133,7 +143,7 @@ def time_worker(args) -> dict:
               "model_params": common.count_params(base), "methods": methods, "ranks": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for rank in s["ranks"]:
-            files = common.make_pair_files(base, rank, Path(tmp))
+            files = common.make_pair_files(base, rank, Path(tmp), scale=lora_scale(rank))
             patchers = {m: make_patcher(m, base, files, comfy_env)[0] for m in methods}
             for m in methods:  # warm-up: first-call overheads, one step
                 common.sample(patchers[m], dict(s, steps=1), conds)
@@ -169,7 +179,7 @@ def memory_worker(args) -> dict:
     for module in ("nodes.fuse", "nodes.handles"):  # imports are not what is measured
         comfy_env.import_pack_module(module)
     with tempfile.TemporaryDirectory() as tmp:
-        files = common.make_pair_files(base, args.rank, Path(tmp))
+        files = common.make_pair_files(base, args.rank, Path(tmp), scale=lora_scale(args.rank))
         gc.collect()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -203,7 +213,7 @@ def make_table(res: dict) -> str:
         f"{m.get('gpu') if res['device'] == 'cuda' else m['cpu']}, torch {m.get('torch')}. SD1.5-class UNet "
         f"{t['model_params'] / 1e6:.0f} M parameters ({cfg.get('dtype', 'float32')}), {cfg['latent']}x{cfg['latent']} "
         f"latent, {cfg['steps']} steps {cfg['sampler']}, cfg {cfg['cfg']}; kohya LoRAs on every attention "
-        f"projection; medians of {cfg['repeats']} interleaved rounds of "
+        f"projection (deltas about a tenth of the weights); medians of {cfg['repeats']} interleaved rounds of "
         f"{'wall time (device synchronised)' if res['device'] == 'cuda' else 'CPU time, one thread'}. Memory: growth of peak "
         f"{unit} while reading the LoRAs, patching and sampling one image, one process per cell.",
         "",

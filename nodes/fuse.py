@@ -22,7 +22,7 @@ from .comfy_key_map import load_lora_patches
 from .patching import FuseRun, install, make_switches
 from ..klora_core.options import (MEASURE_NOISE, MEASURES, MODE_AUTO, MODE_CHOICES, OUTSIDE_BOTH, OUTSIDE_CHOICES,
                                   OUTSIDE_STYLE, OUTSIDE_SUBJECT, SCOPE_ALL, SCOPE_ATTENTION, SCOPES)
-from .bypass import install_bypass
+from .bypass_hooks import install_bypass
 from .modes import choose_mode
 from .pair_scores import score_units
 from .units import expand, unify_layouts, unit_offset

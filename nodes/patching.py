@@ -27,7 +27,7 @@ patches; a ComfyUI weight wrapper per weight adds the currently chosen delta to
 a copy of the weight at every forward.  Exact, but it pays the delta at every
 forward like the authors' code.
 
-``MODE_BYPASS``: weights untouched; :mod:`.bypass` adds the chosen LoRA's
+``MODE_BYPASS``: weights untouched; :mod:`.bypass_hooks` adds the chosen LoRA's
 low-rank term to each switched module's output (the mode choice: :mod:`.modes`).
 """
 from __future__ import annotations
@@ -172,7 +172,7 @@ def install(model_patcher, run: FuseRun, switches: dict, strength: float = 1.0) 
     """Add ``switches`` ({unit_key: KLoRASwitch}) to ``model_patcher`` and register ``run``'s wrappers.
 
     Bake mode: as patches.  Live mode: as weight wrappers.  Bypass mode: only the wrappers (the
-    forward hooks come from :func:`nodes.bypass.install_bypass`).  ``model_patcher``
+    forward hooks come from :func:`nodes.bypass_hooks.install_bypass`).  ``model_patcher``
     must be a clone the caller owns.
     """
     model_sd = model_patcher.model_state_dict()
@@ -187,7 +187,7 @@ def install(model_patcher, run: FuseRun, switches: dict, strength: float = 1.0) 
             model_patcher.add_weight_wrapper(name, LiveSwitches(name, entries))
     elif run.mode == MODE_BAKE:
         model_patcher.add_patches(switches, strength)
-    # MODE_BYPASS: neither patches nor weight wrappers; nodes/bypass.py injects the forward hooks.
+    # MODE_BYPASS: neither patches nor weight wrappers; nodes/bypass_hooks.py injects the forward hooks.
     model_patcher.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, OUTER_SAMPLE_KEY, run.outer_sample)
     model_patcher.add_wrapper_with_key(WrappersMP.APPLY_MODEL, APPLY_MODEL_KEY, run.apply_model)
 

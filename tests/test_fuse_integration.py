@@ -157,7 +157,7 @@ def test_plain_lora_loader_before_or_after(klora_pack, tmp_path, where):
 @pytest.mark.parametrize("modes", [("auto", "auto"), ("bypass", "bypass"), ("bake", "bypass"), ("bypass", "live")])
 def test_two_fuse_nodes_stacked(klora_pack, tmp_path, modes):
     """Also in bypass mode: hooks stack on one module and leave it clean, whatever the eject order."""
-    from klora_pack.nodes.bypass import SwitchedForward
+    from klora_pack.nodes.bypass_hooks import SwitchedForward
     from klora_pack.nodes.fuse import fuse_model
     from klora_pack.nodes.handles import make_handle
 

@@ -61,7 +61,7 @@ def _relative(a, b) -> float:
 
 
 def _hooked_modules(model_patcher) -> list:
-    from klora_pack.nodes.bypass import SwitchedForward
+    from klora_pack.nodes.bypass_hooks import SwitchedForward
 
     return [m for m in model_patcher.model.modules() if isinstance(m.__dict__.get("forward"), SwitchedForward)]
 
@@ -193,7 +193,8 @@ def test_base_model_bit_identical_after_every_run(klora_pack, tmp_path, mode, ho
 # (forced partial loads and two stacked Fuse nodes in every mode: tests/test_fuse_integration.py)
 def test_hooks_unstack_in_any_order(klora_pack):
     """Unit check of the hook chain: lower hook removed first, a foreign wrapper on top, re-hooking."""
-    from klora_pack.nodes.bypass import LowRankTerm, ModuleForm, SwitchedForward, module_geometry
+    from klora_pack.nodes.bypass import LowRankTerm, ModuleForm, module_geometry
+    from klora_pack.nodes.bypass_hooks import SwitchedForward
 
     class Always:
         def uses_subject(self, unit):
@@ -230,7 +231,8 @@ def test_hooks_unstack_in_any_order(klora_pack):
 ])
 def test_conv_term_equals_baked_weight(klora_pack, conv):
     """Plain torch: the hooked convolution equals one whose weight has ``s * up @ down`` added (1-, 2-, 3-D)."""
-    from klora_pack.nodes.bypass import LowRankTerm, ModuleForm, SwitchedForward, module_geometry
+    from klora_pack.nodes.bypass import LowRankTerm, ModuleForm, module_geometry
+    from klora_pack.nodes.bypass_hooks import SwitchedForward
 
     class Always:
         def uses_subject(self, unit):
@@ -338,10 +340,12 @@ def _subject(klora_pack, tmp_path, model):
 
 
 def test_auto_on_the_classic_patcher_bakes(klora_pack, tmp_path, sd15_model):
+    from klora_pack.nodes.bypass_hooks import BYPASS_INJECTION_KEY
+
     hs, ht, *_ = _handles(klora_pack, tmp_path, sd15_model)
     result = _fuse(sd15_model, hs, ht)
     assert result.run.mode == "bake" and "classic patcher" in result.report
-    assert not result.model.get_injections("klora.fuse.bypass")
+    assert not result.model.get_injections(BYPASS_INJECTION_KEY)
 
 
 def test_auto_with_is_dynamic_false_bakes(klora_pack, tmp_path):
@@ -457,6 +461,7 @@ def test_unknown_mode_is_refused(klora_pack, tmp_path, sd15_model):
 
 
 def test_node_offers_the_mode_input(klora_pack, tmp_path, sd15_model):
+    from klora_pack.nodes.bypass_hooks import BYPASS_INJECTION_KEY
     from klora_pack.nodes.node_defs import KLoRAFuse
 
     spec = KLoRAFuse.INPUT_TYPES()["optional"]["mode"]
@@ -466,4 +471,4 @@ def test_node_offers_the_mode_input(klora_pack, tmp_path, sd15_model):
     out = KLoRAFuse().fuse(sd15_model, hs, ht, "s", 1.5, -1.0, "attention projections", "both", "noise level",
                            mode="bypass")
     assert "mode bypass" in out["result"][1]
-    assert out["result"][0].get_injections("klora.fuse.bypass")
+    assert out["result"][0].get_injections(BYPASS_INJECTION_KEY)

@@ -20,6 +20,7 @@ SD1.5 weight (scope 'all shared weights').
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +31,7 @@ from support.server_harness import ComfyServer, ExecutionFailed
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
+TINY_MODEL_NODE = Path(__file__).resolve().parent / "support" / "tiny_model_node.py"
 STEPS = 6
 SEED = 3
 MAX_RELATIVE = 1e-5
@@ -49,8 +51,7 @@ CASES = {
 @pytest.fixture(scope="module")
 def server(comfy):
     s = ComfyServer()
-    os.symlink(lora_factory.__file__.replace("lora_factory.py", "tiny_model_node.py"),
-               s.workdir / "custom_nodes" / "klora_test_tiny_model.py")
+    os.symlink(TINY_MODEL_NODE, s.workdir / "custom_nodes" / "klora_test_tiny_model.py")
     for n, (case, (family, s_style, t_style, lora_scope, _)) in enumerate(CASES.items()):
         model = tiny_models.build_model(family, seed=0)
         for role, style, rank, seed in (("subject", s_style, 4, 11 + n), ("style", t_style, 3, 22 + n)):
