@@ -18,7 +18,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from .bypass import LowRankTerm, ModuleForm, Geometry, module_at
+from .bypass import Geometry, LowRankTerm, ModuleForm, module_at
 
 logger = logging.getLogger(__name__)
 
