@@ -39,12 +39,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-#: Full-size SD1.5 UNet (860 M parameters) for GPUs: real widths, depth and heads.
+#: Full-size SD1.5 UNet (860 M parameters) for GPUs: real widths, depth and heads (ComfyUI's SD15
+#: detection config; transformer depths are per input / output block, not per level).
 SD15_FULL = {
     **common.SD15_CLASS,
     "num_res_blocks": [2, 2, 2, 2],
     "channel_mult": [1, 2, 4, 4],
-    "transformer_depth": [1, 1, 1, 0],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
     "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
 }
 SETTINGS = {

@@ -51,6 +51,34 @@ def test_gpu_script_cpu_path_writes_table_and_json(tmp_path):
         assert cell["measure"] == "process RSS" and cell["peak_mib"] > 0
 
 
+def test_gpu_model_config_is_full_size_sd15(comfy):
+    """The GPU run's UNet (built here on the meta device: shapes only) is SD1.5's: 859.5 M parameters."""
+    import importlib.util
+
+    import comfy.supported_models
+    import torch
+
+    saved_path, saved_common = list(sys.path), sys.modules.get("common")
+    try:  # bench/modes.py puts bench/ on sys.path and imports bench/common.py: undo both afterwards
+        spec = importlib.util.spec_from_file_location("bench_modes", REPO / "bench" / "modes.py")
+        modes = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(modes)
+        config = modes.SETTINGS[("cuda", False)]["model"]
+    finally:
+        sys.path[:] = saved_path
+        if saved_common is None:
+            sys.modules.pop("common", None)
+        else:
+            sys.modules["common"] = saved_common
+    model_config = comfy.supported_models.SD15(dict(config))
+    model_config.set_inference_dtype(torch.float16, None)
+    unet = model_config.get_model({}, device=torch.device("meta")).diffusion_model
+    assert sum(p.numel() for p in unet.parameters()) == 859_520_964
+    attention = [n for n, _ in unet.named_parameters() if ".attn" in n and n.endswith(("to_q.weight", "to_k.weight",
+                                                                                       "to_v.weight", "to_out.0.weight"))]
+    assert len(attention) == 128  # 16 transformer blocks x 2 attentions x 4 projections (bench/cost_model.py)
+
+
 def test_gpu_script_refuses_without_comfyui_or_cuda(tmp_path):
     proc = _run_gpu_script(["--quick"], COMFYUI_PATH=str(tmp_path))
     assert proc.returncode == 2 and "COMFYUI_PATH" in proc.stderr
