@@ -1,0 +1,465 @@
+"""Every model family the pack supports, as tiny seeded ComfyUI models (CPU, float32, a few MB).
+
+    from support import family_models as fm
+    spec = fm.FAMILIES["wan21_t2v"]
+    model = fm.build_model("wan21_t2v", seed=0)     # comfy ModelPatcher
+    positive, negative = fm.make_conds("wan21_t2v", seed=0)
+    latent, noise = fm.make_latent("wan21_t2v", seed=0)
+
+Many families have fixed widths in ComfyUI's model detection
+(``comfy/model_detection.py``: e.g. FLUX hidden 3072, HiDream 20 x 128 heads),
+so their smallest natively detected checkpoint is hundreds of MB.  Each
+family here is the SAME ComfyUI model class with the same key layout at a
+reduced width, loaded the way ``comfy.sd.load_diffusion_model_state_dict``
+loads a checkpoint once it knows the config class (see :func:`load_with_class`):
+``config_class(unet_config)`` -> ``set_inference_dtype`` ->
+``process_unet_state_dict`` -> ``get_model`` -> ``load_model_weights`` ->
+``ModelPatcher``.  The state dict it loads is built from a seeded ``N(0, 1) *
+0.05`` fill of the model's own parameters (:func:`seeded_state_dict`), so the
+same seed gives the same weights bit for bit.
+
+Each :class:`FamilySpec` also says, written from the family's architecture
+(the published model code, NOT from this pack), which weights are attention
+projections (``attention``: a regex on the module path without
+``diffusion_model.`` and ``.weight``) and how many there are at the reduced
+size (``n_attention``), and which block each attention weight belongs to
+(``blocks``: a regex whose match is the block name shown in the selection map).
+Those are the expectations the family-matrix tests hold the product to.
+
+Families whose model class is missing from the ComfyUI in use (Kandinsky5
+before 0.8) are listed by :func:`available` as missing, never silently
+dropped: tests skip them with the reason.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from support.comfy_env import setup_comfy
+
+STD = 0.05
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """One model family at test size.
+
+    name: table key; title: what users call it; config_class: attribute of
+    ``comfy.supported_models``; unet_config: the reduced config (before the
+    class adds its ``unet_extra_config``); latent: latent shape without batch
+    (4-D ``(C, H, W)`` or video ``(C, T, H, W)``); context: ``(tokens, width)``
+    of the text conditioning; extras: ``(batch, gen) -> dict`` of further
+    conditioning entries (pooled output, guidance, image embeddings...);
+    attention: regex (fullmatch) on module paths of every attention q/k/v/out
+    projection; n_attention: how many such weights the reduced model has;
+    blocks: regex (search) whose match on a weight key is its block;
+    steps: sampling steps used by the matrix; cfg: the matrix's CFG;
+    slow: mark the family's sampling tests ``slow``; optional_config: keys
+    that only some ComfyUI versions' model classes take (added only when
+    ``params_class``, a dotted dataclass or class path, accepts them).
+    """
+
+    name: str
+    title: str
+    config_class: str
+    unet_config: dict
+    latent: tuple
+    context: tuple
+    attention: str
+    n_attention: int
+    blocks: str
+    extras: Callable = None
+    steps: int = 3
+    cfg: float = 2.0
+    slow: bool = False
+    notes: str = ""
+    optional_config: dict = field(default_factory=dict)
+    params_class: str = ""
+
+
+def _pooled(width: int) -> Callable:
+    return lambda batch, gen: {"pooled_output": torch.randn((batch, width), generator=gen)}
+
+
+def _flux_extras(batch, gen):
+    return {"pooled_output": torch.randn((batch, 32), generator=gen), "guidance": 3.5}
+
+
+def _hunyuan_extras(batch, gen):
+    return {"pooled_output": torch.randn((batch, 32), generator=gen), "guidance": 6.0}
+
+
+def _hidream_extras(batch, gen):
+    # Llama-3 hidden states of every layer [B, layers, T, C] (two layers at test size) and a pooled vector.
+    return {"pooled_output": torch.randn((batch, 32), generator=gen),
+            "conditioning_llama3": torch.randn((batch, 2, 4, 32), generator=gen)}
+
+
+def _wan_i2v_extras(batch, gen):
+    # CLIP-vision penultimate hidden states (1280 wide, fixed by WanModel's img_emb); 4 tokens at test size.
+    states = torch.randn((batch, 4, 1280), generator=gen)
+    return {"clip_vision_output": types.SimpleNamespace(penultimate_hidden_states=states)}
+
+
+def _cascade_extras(batch, gen):
+    return {"pooled_output": torch.randn((batch, 1, 32), generator=gen)}
+
+
+def _sd_unet(base: str) -> dict:
+    from support import tiny_models
+
+    return dict(tiny_models.CONFIGS[base])
+
+
+FLUX_ATTENTION = r"double_blocks\.\d+\.(img_attn|txt_attn)\.(qkv|proj)|single_blocks\.\d+\.linear[12]"
+FLUX_BLOCKS = r"(double_blocks|single_blocks)\.\d+"
+
+_SPECS = [
+    FamilySpec(
+        "sd15", "SD1.5", "SD15", _sd_unet("sd15"), (4, 8, 8), (77, 768),
+        r"(input_blocks\.\d+\.1|middle_block\.1|output_blocks\.\d+\.1)\.transformer_blocks\.\d+\."
+        r"attn[12]\.(to_q|to_k|to_v|to_out\.0)",
+        # transformers at input blocks 1, 4, the middle, output blocks 0-3: 7 x 2 attentions x 4
+        56, r"input_blocks\.\d+|middle_block|output_blocks\.\d+"),
+    FamilySpec(
+        "sdxl", "SDXL", "SDXL", _sd_unet("sdxl"), (4, 8, 8), (77, 2048),
+        r"(input_blocks\.\d+\.1|middle_block\.1|output_blocks\.\d+\.1)\.transformer_blocks\.\d+\."
+        r"attn[12]\.(to_q|to_k|to_v|to_out\.0)",
+        # transformer_depth [0, 1]: input block 4, the middle, output blocks 2 and 3: 4 x 8
+        32, r"input_blocks\.\d+|middle_block|output_blocks\.\d+", extras=_pooled(1280)),
+    FamilySpec(
+        "sd35", "SD3.5", "SD3", {
+            "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "input_size": None,
+            "adm_in_channels": 32, "pos_embed_max_size": 8, "num_patches": 64, "qk_norm": "rms",
+            "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 32, "out_features": 128}},
+            "x_block_self_attn_layers": [0],
+        }, (16, 8, 8), (6, 32),
+        r"joint_blocks\.\d+\.(x_block\.attn2?|context_block\.attn)\.(qkv|proj)",
+        # 2 blocks x (x attn qkv+proj, context attn qkv+proj) + block 0's x attn2 (SD3.5 medium),
+        # minus the last context block's proj (pre-only): 4 + 4 + 2 - 1
+        9, r"joint_blocks\.\d+", extras=_pooled(32)),
+    FamilySpec(
+        "flux", "FLUX.1", "Flux", _sd_unet("flux"), (16, 8, 8), (8, 32),
+        FLUX_ATTENTION, 2 * 4 + 2 * 2, FLUX_BLOCKS, extras=_flux_extras, cfg=1.0,
+        optional_config={"txt_ids_dims": []}, params_class="comfy.ldm.flux.model.FluxParams"),
+    FamilySpec(
+        "chroma", "Chroma", "Chroma", {
+            "image_model": "chroma", "in_channels": 64, "out_channels": 64, "context_in_dim": 32,
+            "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
+            "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True,
+            "in_dim": 64, "out_dim": 64, "hidden_dim": 32, "n_layers": 1,
+        }, (16, 8, 8), (6, 32), FLUX_ATTENTION, 4 + 2, FLUX_BLOCKS,
+        extras=lambda batch, gen: {"pooled_output": None},
+        optional_config={"txt_ids_dims": [], "vec_in_dim": None}, params_class="comfy.ldm.chroma.model.ChromaParams"),
+    FamilySpec(
+        "hidream", "HiDream-I1", "HiDream", {
+            "image_model": "hidream", "patch_size": 2, "in_channels": 16, "out_channels": 16,
+            "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 32, "num_attention_heads": 2,
+            "caption_channels": [32, 32], "text_emb_dim": 32, "num_routed_experts": 2,
+            "num_activated_experts": 1, "axes_dims_rope": [16, 8, 8], "max_resolution": [16, 16],
+            "llama_layers": [0, 1],
+        }, (16, 8, 8), (4, 32),
+        r"double_stream_blocks\.\d+\.block\.attn1\.(to_q|to_k|to_v|to_out)(_t)?"
+        r"|single_stream_blocks\.\d+\.block\.attn1\.(to_q|to_k|to_v|to_out)",
+        8 + 4, r"(double_stream_blocks|single_stream_blocks)\.\d+", extras=_hidream_extras),
+    FamilySpec(
+        "qwen_image", "Qwen-Image", "QwenImage", {
+            "image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16,
+            "num_layers": 2, "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": 32,
+            "axes_dims_rope": [8, 12, 12],
+        }, (16, 1, 8, 8), (6, 32),
+        r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0|to_add_out)",
+        2 * 8, r"transformer_blocks\.\d+"),
+    FamilySpec(
+        "lumina2", "Lumina Image 2.0", "Lumina2", {
+            "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "n_layers": 1,
+            "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 1, "multiple_of": 16,
+            "ffn_dim_multiplier": 4.0, "qk_norm": True, "cap_feat_dim": 32, "axes_dims": [8, 12, 12],
+            "axes_lens": [300, 512, 512], "rope_theta": 10000.0,
+        }, (16, 8, 8), (6, 32),
+        r"(layers|noise_refiner|context_refiner)\.\d+\.attention\.(qkv|out)",
+        3 * 2, r"(layers|noise_refiner|context_refiner)\.\d+", notes="grouped-query: 2 query heads, 1 k/v head"),
+    FamilySpec(
+        "z_image", "Z-Image", "ZImage", {
+            "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 256, "n_layers": 1,
+            "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 2, "multiple_of": 16,
+            "ffn_dim_multiplier": 8.0 / 3.0, "qk_norm": True, "cap_feat_dim": 32, "axes_dims": [32, 48, 48],
+            "axes_lens": [64, 64, 64], "rope_theta": 256.0, "z_image_modulation": True, "time_scale": 1000.0,
+        }, (16, 8, 8), (6, 32),
+        r"(layers|noise_refiner|context_refiner)\.\d+\.attention\.(qkv|out)",
+        3 * 2, r"(layers|noise_refiner|context_refiner)\.\d+",
+        notes="z_image_modulation needs dim >= 256 (its adaLN input is min(dim, 256) wide)"),
+    FamilySpec(
+        "wan21_t2v", "Wan 2.1 T2V", "WAN21_T2V", {
+            "image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "text_len": 8,
+            "in_dim": 16, "dim": 64, "ffn_dim": 128, "freq_dim": 32, "text_dim": 32, "out_dim": 16,
+            "num_heads": 2, "num_layers": 2, "window_size": (-1, -1), "qk_norm": True,
+            "cross_attn_norm": True, "eps": 1e-6,
+        }, (16, 2, 8, 8), (6, 32),
+        r"blocks\.\d+\.(self_attn|cross_attn)\.[qkvo]", 2 * 8, r"blocks\.\d+"),
+    FamilySpec(
+        "wan21_i2v", "Wan 2.1 I2V", "WAN21_I2V", {
+            "image_model": "wan2.1", "model_type": "i2v", "patch_size": (1, 2, 2), "text_len": 8,
+            "in_dim": 36, "dim": 64, "ffn_dim": 128, "freq_dim": 32, "text_dim": 32, "out_dim": 16,
+            "num_heads": 2, "num_layers": 1, "window_size": (-1, -1), "qk_norm": True,
+            "cross_attn_norm": True, "eps": 1e-6,
+        }, (16, 2, 8, 8), (6, 32),
+        r"blocks\.\d+\.(self_attn\.[qkvo]|cross_attn\.([qkvo]|k_img|v_img))", 10, r"blocks\.\d+",
+        extras=_wan_i2v_extras),
+    FamilySpec(
+        "wan22", "Wan 2.2 TI2V", "WAN22_T2V", {
+            "image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "text_len": 8,
+            "in_dim": 48, "dim": 64, "ffn_dim": 128, "freq_dim": 32, "text_dim": 32, "out_dim": 48,
+            "num_heads": 2, "num_layers": 1, "window_size": (-1, -1), "qk_norm": True,
+            "cross_attn_norm": True, "eps": 1e-6,
+        }, (48, 2, 8, 8), (6, 32),
+        r"blocks\.\d+\.(self_attn|cross_attn)\.[qkvo]", 8, r"blocks\.\d+"),
+    FamilySpec(
+        "hunyuan_video", "HunyuanVideo", "HunyuanVideo", {
+            "image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32,
+            "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1,
+            "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 256, "patch_size": [1, 2, 2],
+            "qkv_bias": True, "guidance_embed": True,
+        }, (16, 2, 8, 8), (6, 32),
+        FLUX_ATTENTION + r"|txt_in\.individual_token_refiner\.blocks\.\d+\.self_attn\.(qkv|proj)",
+        # 1 double block (4) + 1 single block (2) + 2 token-refiner blocks (2 each)
+        4 + 2 + 2 * 2, FLUX_BLOCKS + r"|txt_in\.individual_token_refiner\.blocks\.\d+",
+        extras=_hunyuan_extras, cfg=1.0,
+        optional_config={"byt5": False, "meanflow": False, "use_cond_type_embedding": False, "vision_in_dim": None,
+                         "meanflow_sum": False},
+        params_class="comfy.ldm.hunyuan_video.model.HunyuanVideoParams"),
+    FamilySpec(
+        "ltxv", "LTX-Video", "LTXV", {
+            "image_model": "ltxv", "in_channels": 128, "cross_attention_dim": 64, "attention_head_dim": 32,
+            "num_attention_heads": 2, "caption_channels": 32, "num_layers": 2,
+        }, (128, 2, 4, 4), (6, 32),
+        r"transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)", 2 * 8, r"transformer_blocks\.\d+",
+        extras=lambda batch, gen: {"attention_mask": torch.ones((batch, 6), dtype=torch.long)}),
+    FamilySpec(
+        "cosmos_predict2", "Cosmos Predict2", "CosmosT2IPredict2", {
+            "image_model": "cosmos_predict2", "max_img_h": 240, "max_img_w": 240, "max_frames": 128,
+            "in_channels": 16, "out_channels": 16, "patch_spatial": 2, "patch_temporal": 1,
+            "concat_padding_mask": True, "model_channels": 64, "num_blocks": 2, "num_heads": 2,
+            "mlp_ratio": 4.0, "crossattn_emb_channels": 32, "pos_emb_cls": "rope3d", "pos_emb_learnable": True,
+            "pos_emb_interpolation": "crop", "min_fps": 1, "max_fps": 30, "use_adaln_lora": True,
+            "adaln_lora_dim": 16, "rope_h_extrapolation_ratio": 4.0, "rope_w_extrapolation_ratio": 4.0,
+            "rope_t_extrapolation_ratio": 1.0, "extra_per_block_abs_pos_emb": False,
+            "rope_enable_fps_modulation": False,
+        }, (16, 1, 8, 8), (6, 32),
+        r"blocks\.\d+\.(self_attn|cross_attn)\.(q_proj|k_proj|v_proj|output_proj)", 2 * 8, r"blocks\.\d+"),
+    FamilySpec(
+        "pixart", "PixArt-Sigma", "PixArtSigma", {
+            "image_model": "pixart_sigma", "input_size": 8, "patch_size": 2, "in_channels": 4,
+            "hidden_size": 64, "depth": 2, "num_heads": 2, "caption_channels": 32, "model_max_length": 6,
+            "micro_condition": False, "pe_interpolation": 1.0,
+        }, (4, 64, 4), (6, 32),
+        r"blocks\.\d+\.(attn\.(qkv|proj)|cross_attn\.(q_linear|kv_linear|proj))", 2 * 5, r"blocks\.\d+"),
+    FamilySpec(
+        "auraflow", "AuraFlow", "AuraFlow", {
+            "in_channels": 4, "out_channels": 4, "patch_size": 2, "dim": 64, "n_layers": 2,
+            "n_double_layers": 1, "n_heads": 2, "global_conddim": 64, "cond_seq_dim": 32, "max_seq": 64,
+        }, (4, 8, 8), (6, 32),
+        r"double_layers\.\d+\.attn\.w[12][qkvo]|single_layers\.\d+\.attn\.w1[qkvo]", 8 + 4,
+        r"(double_layers|single_layers)\.\d+"),
+    FamilySpec(
+        "stable_cascade", "Stable Cascade (stage C)", "Stable_Cascade_C", {
+            "stable_cascade_stage": "c", "c_in": 16, "c_out": 16, "c_r": 64, "patch_size": 1, "c_cond": 64,
+            "c_hidden": [32, 64], "nhead": [2, 2], "blocks": [[1, 1], [1, 1]],
+            "block_repeat": [[1, 1], [1, 1]], "level_config": ["CTA", "CTA"], "c_clip_text": 32,
+            "c_clip_text_pooled": 32, "c_clip_img": 768, "c_clip_seq": 4, "kernel_size": 3,
+            "dropout": [0.0, 0.0], "self_attn": True, "t_conds": ["sca", "crp"], "switch_level": [False],
+        }, (16, 8, 8), (6, 32),
+        r"(down_blocks|up_blocks)\.\d+\.\d+\.attention\.attn\.(to_q|to_k|to_v|out_proj)", 4 * 4,
+        r"(down_blocks|up_blocks)\.\d+", extras=_cascade_extras),
+    FamilySpec(
+        "kandinsky5", "Kandinsky 5", "Kandinsky5", {
+            "image_model": "kandinsky5", "in_visual_dim": 16, "out_visual_dim": 16, "in_text_dim": 32,
+            "in_text_dim2": 32, "time_dim": 32, "patch_size": (1, 2, 2), "model_dim": 64, "ff_dim": 128,
+            "num_text_blocks": 1, "num_visual_blocks": 1, "axes_dims": (8, 12, 12), "visual_cond": True,
+        }, (16, 2, 8, 8), (6, 32),
+        r"text_transformer_blocks\.\d+\.self_attention\.(to_query|to_key|to_value|out_layer)"
+        r"|visual_transformer_blocks\.\d+\.(self_attention|cross_attention)\.(to_query|to_key|to_value|out_layer)",
+        4 + 8, r"(text_transformer_blocks|visual_transformer_blocks)\.\d+", extras=_pooled(32)),
+]
+
+FAMILIES = {spec.name: spec for spec in _SPECS}
+NAMES = tuple(FAMILIES)
+
+
+def spec_of(name_or_spec) -> FamilySpec:
+    if isinstance(name_or_spec, FamilySpec):
+        return name_or_spec
+    if name_or_spec not in FAMILIES:
+        raise ValueError(f"unknown family {name_or_spec!r}; expected one of {NAMES}")
+    return FAMILIES[name_or_spec]
+
+
+def config_class(name):
+    """The ``comfy.supported_models`` class of a family, or None when this ComfyUI lacks it."""
+    setup_comfy()
+    import comfy.supported_models
+
+    return getattr(comfy.supported_models, spec_of(name).config_class, None)
+
+
+def available(name) -> Optional[str]:
+    """None when the family can be built on this ComfyUI, else the reason it cannot."""
+    if config_class(name) is None:
+        return f"this ComfyUI has no comfy.supported_models.{spec_of(name).config_class}"
+    return None
+
+
+def _unet_config(spec: FamilySpec) -> dict:
+    """The spec's config plus the optional keys this ComfyUI's model class takes (feature-detected).
+
+    E.g. 0.8.0's ``FluxParams`` requires ``txt_ids_dims``, which 0.3.75's rejects.
+    """
+    config = dict(spec.unet_config)
+    if spec.optional_config:
+        accepted = _accepted_keys(spec.params_class)
+        config.update({k: v for k, v in spec.optional_config.items() if k in accepted})
+    return config
+
+
+def _accepted_keys(dotted: str) -> set:
+    import importlib
+    import inspect
+
+    setup_comfy()
+    module_name, _, attr = dotted.rpartition(".")
+    target = getattr(importlib.import_module(module_name), attr)
+    if dataclasses.is_dataclass(target):
+        return {f.name for f in dataclasses.fields(target)}
+    return set(inspect.signature(target.__init__).parameters)
+
+
+def fill_seeded_(module: torch.nn.Module, seed: int, std: float = STD) -> None:
+    """Overwrite every parameter of ``module`` in place with ``N(0, 1) * std``, in sorted name order."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for name in sorted(params):
+            p = params[name]
+            p.copy_((torch.randn(p.shape, generator=gen, dtype=torch.float32) * std).to(p.dtype))
+
+
+def _new_model(spec: FamilySpec, state_dict=None):
+    cls = config_class(spec)
+    if cls is None:
+        raise RuntimeError(available(spec))
+    model_config = cls(_unet_config(spec))
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model(state_dict or {}, "", device=torch.device("cpu"))
+    return model_config, model
+
+
+def seeded_state_dict(name, seed: int = 0, std: float = STD) -> dict:
+    """The diffusion model's state dict (no prefix) as a checkpoint of the family would hold it, seeded."""
+    spec = spec_of(name)
+    _, model = _new_model(spec)
+    fill_seeded_(model.diffusion_model, seed, std)
+    return {k: v.detach().clone() for k, v in model.diffusion_model.state_dict().items()}
+
+
+def load_with_class(name, state_dict: dict):
+    """Load ``state_dict`` as ``comfy.sd.load_diffusion_model_state_dict`` does, with the config class given.
+
+    Returns a CPU ModelPatcher.  Raises when a key is missing or unexpected,
+    so a state dict with another layout never loads silently.
+    """
+    setup_comfy()
+    import comfy.model_patcher
+
+    spec = spec_of(name)
+    cls = config_class(spec)
+    model_config = cls(_unet_config(spec))
+    model_config.set_inference_dtype(torch.float32, None)
+    sd = model_config.process_unet_state_dict(dict(state_dict))
+    model = model_config.get_model(sd, "", device=torch.device("cpu"))
+    missing, unexpected = model.diffusion_model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{spec.title}: state dict does not fit the model: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    model.eval()
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def build_model(name, seed: int = 0):
+    """A tiny float32 ModelPatcher of the family, seeded (same seed, same weights)."""
+    return load_with_class(name, seeded_state_dict(name, seed))
+
+
+def make_conds(name, batch: int = 1, seed: int = 0):
+    """``(positive, negative)`` CONDITIONING lists ``[[cross_attn [B, T, C], extras]]``, seeded."""
+    spec = spec_of(name)
+    tokens, width = spec.context
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    out = []
+    for _ in ("positive", "negative"):
+        cross = torch.randn((batch, tokens, width), generator=gen)
+        extras = spec.extras(batch, gen) if spec.extras is not None else {}
+        out.append([[cross, extras]])
+    return out[0], out[1]
+
+
+def make_latent(name, batch: int = 1, seed: int = 0):
+    """``(latent_image, noise)``: zeros and seeded N(0, 1), both ``[batch, *spec.latent]``."""
+    shape = (batch,) + tuple(spec_of(name).latent)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.zeros(shape), torch.randn(shape, generator=gen)
+
+
+def sample(model_patcher, name, steps: int = None, cfg: float = None, seed: int = 0, sampler: str = "euler",
+           scheduler: str = "simple", batch: int = 1, **kwargs):
+    """One ``comfy.sample.sample`` run (txt2img/txt2video, denoise 1) of the family; returns the latent."""
+    import comfy.sample
+
+    spec = spec_of(name)
+    steps = spec.steps if steps is None else steps
+    cfg = spec.cfg if cfg is None else cfg
+    positive, negative = make_conds(spec, batch=batch, seed=seed)
+    latent, noise = make_latent(spec, batch=batch, seed=seed)
+    return comfy.sample.sample(model_patcher, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
+                               disable_pbar=True, seed=seed, **kwargs)
+
+
+def expected_attention_keys(model_patcher, name) -> list:
+    """Model weight keys the spec's architecture regex names as attention projections (sorted)."""
+    pattern = re.compile(spec_of(name).attention)
+    out = []
+    for key, tensor in model_patcher.model.state_dict().items():
+        if key.startswith("diffusion_model.") and key.endswith(".weight") and tensor.ndim >= 2:
+            if pattern.fullmatch(key[len("diffusion_model."):-len(".weight")]):
+                out.append(key)
+    return sorted(out)
+
+
+def expected_block(name, key: str) -> str:
+    """The block of weight ``key`` by the spec's block regex (what the selection map should group by)."""
+    m = re.search(spec_of(name).blocks, key)
+    if m is None:
+        raise AssertionError(f"{key}: no block by {spec_of(name).blocks!r}")
+    return m.group(0)
+
+
+def family_of_model(model_patcher) -> str:
+    """The family name of a model built here (by its config class; FLUX vs Chroma etc. by class name)."""
+    cls_name = type(model_patcher.model.model_config).__name__
+    for spec in _SPECS:
+        if spec.config_class == cls_name:
+            return spec.name
+    raise ValueError(f"no family spec for config class {cls_name}")
+
+
+def megabytes(model_patcher) -> float:
+    return sum(t.numel() * t.element_size() for t in model_patcher.model.state_dict().values()) / 2**20
+
+
+__all__ = ["FamilySpec", "FAMILIES", "NAMES", "available", "build_model", "make_conds", "make_latent", "sample",
+           "expected_attention_keys", "expected_block", "family_of_model", "load_with_class", "seeded_state_dict"]
