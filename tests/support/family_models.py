@@ -61,7 +61,9 @@ class FamilySpec:
     steps: sampling steps used by the matrix; cfg: the matrix's CFG;
     slow: mark the family's sampling tests ``slow``; optional_config: keys
     that only some ComfyUI versions' model classes take (added only when
-    ``params_class``, a dotted dataclass or class path, accepts them).
+    ``params_class``, a dotted dataclass or class path, accepts them);
+    native: load through ComfyUI's own detection (``comfy.sd.load_diffusion_model_state_dict``),
+    which must pick ``config_class`` (the family's smallest detectable size).
     """
 
     name: str
@@ -80,6 +82,7 @@ class FamilySpec:
     notes: str = ""
     optional_config: dict = field(default_factory=dict)
     params_class: str = ""
+    native: bool = False
 
 
 def _pooled(width: int) -> Callable:
@@ -206,19 +209,27 @@ _SPECS = [
         "wan21_i2v", "Wan 2.1 I2V", "WAN21_I2V", {
             "image_model": "wan2.1", "model_type": "i2v", "patch_size": (1, 2, 2), "text_len": 8,
             "in_dim": 36, "dim": 64, "ffn_dim": 128, "freq_dim": 32, "text_dim": 32, "out_dim": 16,
-            "num_heads": 2, "num_layers": 1, "window_size": (-1, -1), "qk_norm": True,
+            "num_heads": 2, "num_layers": 2, "window_size": (-1, -1), "qk_norm": True,
             "cross_attn_norm": True, "eps": 1e-6,
         }, (16, 2, 8, 8), (6, 32),
-        r"blocks\.\d+\.(self_attn\.[qkvo]|cross_attn\.([qkvo]|k_img|v_img))", 10, r"blocks\.\d+",
+        r"blocks\.\d+\.(self_attn\.[qkvo]|cross_attn\.([qkvo]|k_img|v_img))", 2 * 10, r"blocks\.\d+",
         extras=_wan_i2v_extras),
     FamilySpec(
         "wan22", "Wan 2.2 TI2V", "WAN22_T2V", {
             "image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "text_len": 8,
             "in_dim": 48, "dim": 64, "ffn_dim": 128, "freq_dim": 32, "text_dim": 32, "out_dim": 48,
-            "num_heads": 2, "num_layers": 1, "window_size": (-1, -1), "qk_norm": True,
+            "num_heads": 2, "num_layers": 2, "window_size": (-1, -1), "qk_norm": True,
             "cross_attn_norm": True, "eps": 1e-6,
         }, (48, 2, 8, 8), (6, 32),
-        r"blocks\.\d+\.(self_attn|cross_attn)\.[qkvo]", 8, r"blocks\.\d+"),
+        r"blocks\.\d+\.(self_attn|cross_attn)\.[qkvo]", 2 * 8, r"blocks\.\d+"),
+    FamilySpec(
+        "wan21_t2v_native", "Wan 2.1 T2V (natively detected)", "WAN21_T2V", {
+            # What comfy/model_detection.py derives for Wan 2.1: heads = dim // 128, text 4096 wide, freq 256.
+            "image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "in_dim": 16, "dim": 128,
+            "ffn_dim": 256, "freq_dim": 256, "text_dim": 4096, "out_dim": 16, "num_heads": 1, "num_layers": 2,
+            "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6,
+        }, (16, 2, 8, 8), (6, 4096),
+        r"blocks\.\d+\.(self_attn|cross_attn)\.[qkvo]", 2 * 8, r"blocks\.\d+", native=True),
     FamilySpec(
         "hunyuan_video", "HunyuanVideo", "HunyuanVideo", {
             "image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32,
@@ -230,6 +241,21 @@ _SPECS = [
         # 1 double block (4) + 1 single block (2) + 2 token-refiner blocks (2 each)
         4 + 2 + 2 * 2, FLUX_BLOCKS + r"|txt_in\.individual_token_refiner\.blocks\.\d+",
         extras=_hunyuan_extras, cfg=1.0,
+        optional_config={"byt5": False, "meanflow": False, "use_cond_type_embedding": False, "vision_in_dim": None,
+                         "meanflow_sum": False},
+        params_class="comfy.ldm.hunyuan_video.model.HunyuanVideoParams"),
+    FamilySpec(
+        "hunyuan_video_native", "HunyuanVideo (natively detected)", "HunyuanVideo", {
+            # Detection: heads = hidden // 128, axes [16, 56, 56], vec_in_dim 768, theta 256, mlp_ratio 4.
+            "image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768,
+            "context_in_dim": 32, "hidden_size": 128, "mlp_ratio": 4.0, "num_heads": 1, "depth": 1,
+            "depth_single_blocks": 1, "axes_dim": [16, 56, 56], "theta": 256, "patch_size": [1, 2, 2],
+            "qkv_bias": True, "guidance_embed": True,
+        }, (16, 2, 8, 8), (6, 32),
+        FLUX_ATTENTION + r"|txt_in\.individual_token_refiner\.blocks\.\d+\.self_attn\.(qkv|proj)",
+        4 + 2 + 2 * 2, FLUX_BLOCKS + r"|txt_in\.individual_token_refiner\.blocks\.\d+",
+        extras=lambda batch, gen: {"pooled_output": torch.randn((batch, 768), generator=gen), "guidance": 6.0},
+        cfg=1.0, native=True,
         optional_config={"byt5": False, "meanflow": False, "use_cond_type_embedding": False, "vision_in_dim": None,
                          "meanflow_sum": False},
         params_class="comfy.ldm.hunyuan_video.model.HunyuanVideoParams"),
@@ -339,13 +365,23 @@ def _accepted_keys(dotted: str) -> set:
 
 
 def fill_seeded_(module: torch.nn.Module, seed: int, std: float = STD) -> None:
-    """Overwrite every parameter of ``module`` in place with ``N(0, 1) * std``, in sorted name order."""
+    """Overwrite every parameter of ``module`` in place with ``N(0, 1) * std``, in sorted name order.
+
+    Then, from the same generator, every floating buffer a checkpoint stores
+    (SD3's ``pos_embed``, PixArt's ``y_embedding``): ComfyUI allocates those
+    with ``torch.empty`` and loads them from the file, so left alone they would
+    differ between two builds.  Parameters come first, so models without such
+    buffers get exactly tiny_models' weights.
+    """
     gen = torch.Generator(device="cpu").manual_seed(seed)
     params = dict(module.named_parameters())
+    stored = module.state_dict(keep_vars=True)
+    buffers = {k: v for k, v in stored.items() if k not in params and v.is_floating_point()}
     with torch.no_grad():
-        for name in sorted(params):
-            p = params[name]
-            p.copy_((torch.randn(p.shape, generator=gen, dtype=torch.float32) * std).to(p.dtype))
+        for group in (params, buffers):
+            for name in sorted(group):
+                p = group[name]
+                p.copy_((torch.randn(p.shape, generator=gen, dtype=torch.float32) * std).to(p.dtype))
 
 
 def _new_model(spec: FamilySpec, state_dict=None):
@@ -358,12 +394,23 @@ def _new_model(spec: FamilySpec, state_dict=None):
     return model_config, model
 
 
+_STATE_DICTS: dict = {}
+
+
 def seeded_state_dict(name, seed: int = 0, std: float = STD) -> dict:
-    """The diffusion model's state dict (no prefix) as a checkpoint of the family would hold it, seeded."""
+    """The diffusion model's state dict (no prefix) as a checkpoint of the family would hold it, seeded.
+
+    Cached per (family, seed, std): building a model costs more than its
+    weights (Stable Cascade's sampling table alone takes ~1 s).  Callers get a
+    new dict of the cached tensors and must not modify them in place.
+    """
     spec = spec_of(name)
-    _, model = _new_model(spec)
-    fill_seeded_(model.diffusion_model, seed, std)
-    return {k: v.detach().clone() for k, v in model.diffusion_model.state_dict().items()}
+    key = (spec.name, seed, std)
+    if key not in _STATE_DICTS:
+        _, model = _new_model(spec)
+        fill_seeded_(model.diffusion_model, seed, std)
+        _STATE_DICTS[key] = {k: v.detach().clone() for k, v in model.diffusion_model.state_dict().items()}
+    return dict(_STATE_DICTS[key])
 
 
 def load_with_class(name, state_dict: dict):
@@ -390,9 +437,23 @@ def load_with_class(name, state_dict: dict):
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
+def load_detected(name, state_dict: dict):
+    """Load ``state_dict`` through ComfyUI's own detection; it must pick the spec's config class."""
+    setup_comfy()
+    import comfy.sd
+
+    spec = spec_of(name)
+    model = comfy.sd.load_diffusion_model_state_dict(dict(state_dict), model_options={"dtype": torch.float32})
+    detected = type(model.model.model_config).__name__ if model is not None else None
+    if detected != spec.config_class:
+        raise RuntimeError(f"{spec.title}: ComfyUI detected {detected}, expected {spec.config_class}")
+    return model
+
+
 def build_model(name, seed: int = 0):
     """A tiny float32 ModelPatcher of the family, seeded (same seed, same weights)."""
-    return load_with_class(name, seeded_state_dict(name, seed))
+    loader = load_detected if spec_of(name).native else load_with_class
+    return loader(name, seeded_state_dict(name, seed))
 
 
 def make_conds(name, batch: int = 1, seed: int = 0):

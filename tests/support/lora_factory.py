@@ -49,8 +49,8 @@ UNet diffusers names come from ``comfy.utils.unet_to_diffusers`` (name
 correspondence only; where two names map to one weight the lexicographically
 first, ``add_embedding``, is used); the FLUX table is written out here.
 
-Values: down ~ N(0, 1) * 0.1 * m, up ~ N(0, 1) * 0.1 * m * ``scale_mult``,
-with a per-module magnitude m drawn log-uniformly in [0.5, 2], all from one
+Values: down ~ N(0, 1) * 0.1 * m, up ~ N(0, 1) * 0.1 * m * ``scale``,
+with a per-module magnitude m drawn log-uniformly in [0.5, 2] (``magnitudes``), all from one
 generator seeded with ``seed`` and modules visited in sorted name order.
 """
 from __future__ import annotations
@@ -229,19 +229,22 @@ def lora_modules(model_patcher, style: str, scope: str) -> dict:
 
 
 def make_lora(model_patcher, style: str = "kohya", rank: int = 4, alpha: float | None = None,
-              scope: str = "attn", seed: int = 0, dtype: torch.dtype = torch.float32, scale: float = 1.0):
+              scope: str = "attn", seed: int = 0, dtype: torch.dtype = torch.float32, scale: float = 1.0,
+              magnitudes: tuple = (0.5, 2.0)):
     """Generate a LoRA for ``model_patcher``; returns ``(state_dict, truth)`` (see module docstring).
 
     ``rank``: r of every module (down [r, in(, kh, kw)], up [out, r(, 1, 1)]).
     ``alpha``: stored as ``.alpha`` when not None; truth scale = alpha / rank, else 1.0.
     ``scale``: multiplies every up tensor (a global rescale of the LoRA).
+    ``magnitudes``: range of the per-module magnitude m (``(1.0, 1.0)``: every module alike,
+    same random stream).
     """
     modules = lora_modules(model_patcher, style, scope)
     sd_model = model_patcher.model.state_dict()
     down_sfx, up_sfx = STYLE_TABLE[style].down, STYLE_TABLE[style].up
     gen = torch.Generator(device="cpu").manual_seed(seed)
     state_dict, truth = {}, {}
-    lo, hi = torch.log(torch.tensor(0.5)), torch.log(torch.tensor(2.0))
+    lo, hi = torch.log(torch.tensor(float(magnitudes[0]))), torch.log(torch.tensor(float(magnitudes[1])))
     for base in sorted(modules):  # sorted: independent of dict/key-map order
         key, offset = modules[base]
         w = sd_model[key]
