@@ -40,7 +40,8 @@ def coverage_lines(rule, scope: str, switched, flagged, outside_scope: str, subj
     """Report lines (see module docstring); ``flagged`` comes from :func:`unswitched_attention`."""
     lines = []
     if scope != SCOPE_ALL:
-        lines.append(f"attention projections recognised from {rule.source}: {len(switched)} shared by both LoRAs")
+        in_model = f"{len(rule.keys)} in the model, " if rule.keys is not None else ""
+        lines.append(f"attention projections recognised from {rule.source}: {in_model}{len(switched)} switched")
     if flagged:
         lines.append(f"WARNING: {len(flagged)} shared weights outside the scope look like attention projections and "
                      f"{_APPLIED.get(outside_scope, outside_scope)}: {sample_names(flagged)}; set scope to "
