@@ -180,3 +180,144 @@ def test_mixed_naming_pair_equals_brute_force(klora_pack, tmp_path, family, subj
     expected = fm.sample(ref.patcher, family, steps=steps, scheduler=scheduler)
     torch.testing.assert_close(ours, expected, atol=ATOL, rtol=RTOL)
     assert {ref.plan.uses_subject(u, p) for u in ref.plan.ts for p in ref.progress_log} == {True, False}
+
+
+# ------------------------------------------------------------------ the command line's names (no model)
+#: Styles written in ComfyUI's module layout; every other style names the family's diffusers port.
+COMFY_LAYOUT = ("kohya", "comfy_peft", "kohya_prior", "diffusion_pipe")
+#: Families whose diffusers-port files cannot pair by name with files in ComfyUI's layout
+#: (docs/families.md); inside ComfyUI the Fuse node pairs them by weight.
+CROSS_LAYOUT_LIMITS = {
+    **dict.fromkeys(("sd35", "flux", "chroma", "hunyuan_video", "pixart", "lumina2", "z_image"),
+                    "the diffusers port splits weights ComfyUI keeps fused (q/k/v in one qkv)"),
+    "auraflow": "its diffusers single blocks are named like FLUX's (single_transformer_blocks.N.attn.to_q)",
+}
+SPLIT_PORTS = tuple(f for f, why in CROSS_LAYOUT_LIMITS.items() if "fused" in why)
+#: Same layer, a name that cannot be told apart without the model: Wan's output layer is
+#: ``proj_out`` in diffusers, a name other families give to other layers.
+NOT_BY_NAME = {"wan21_t2v": {"diffusion_model.head.head.weight"}, "wan21_i2v": {"diffusion_model.head.head.weight"},
+               "wan22": {"diffusion_model.head.head.weight"}}
+#: SD1.5/SDXL pairing of LDM and diffusers names assumes two res blocks per UNet level, which the
+#: tiny test UNets do not have (klora_core/lora_file.py and its tests cover full-size names).
+UNET_FAMILIES = ("sd15", "sdxl")
+
+
+def _style_pairs():
+    for family, styles in TRAINER_STYLES.items():
+        if family in UNET_FAMILIES:
+            continue
+        for i, a in enumerate(styles):
+            for b in styles[i + 1:]:
+                cross = (a in COMFY_LAYOUT) != (b in COMFY_LAYOUT)
+                if cross and family in CROSS_LAYOUT_LIMITS:
+                    continue
+                yield pytest.param(family, a, b, marks=_marks(family), id=f"{family}-{a}-{b}")
+
+
+@pytest.mark.parametrize("family,style_a,style_b", list(_style_pairs()))
+def test_cli_pairs_the_same_layer_across_namings(klora_pack, family, style_a, style_b):
+    """Two files naming the same weight (and slice) get the same normalised name, so the CLI pairs them."""
+    from klora_pack.klora_core.lora_file import canonical_module_name
+
+    model = _model(family)
+    by_target = []
+    for style in (style_a, style_b):
+        names = lora_factory.lora_modules(model, style, "all")
+        by_target.append({target: base for base, target in names.items()
+                          if target[0] not in NOT_BY_NAME.get(family, ())})
+    common = set(by_target[0]) & set(by_target[1])
+    assert common
+    unpaired = [(by_target[0][t], by_target[1][t]) for t in sorted(common, key=str)
+                if canonical_module_name(by_target[0][t]) != canonical_module_name(by_target[1][t])]
+    assert not unpaired, unpaired[:4]
+
+
+@pytest.mark.parametrize("family", SPLIT_PORTS)
+def test_split_ports_really_split_fused_weights(klora_pack, family):
+    """The documented limit is a layout, not a name: the diffusers port names slices of fused weights."""
+    model = _model(family)
+    port = next(s for s in TRAINER_STYLES[family] if s not in COMFY_LAYOUT)
+    sliced = [t for t in lora_factory.lora_modules(model, port, "attn").values() if t[1] is not None]
+    assert sliced, f"{family} {port}: no slice of a fused weight"
+
+
+@pytest.mark.parametrize("family,style", _family_styles())
+def test_name_rule_agrees_with_the_architecture_in_every_naming(klora_pack, family, style):
+    """The CLI's attention rule (on normalised names) says what the family's architecture says."""
+    from klora_pack.klora_core.lora_file import canonical_module_name
+    from klora_pack.klora_core.weight_keys import is_attention_name
+
+    model = _model(family)
+    expected = set(fm.expected_attention_keys(model, family))
+    names = lora_factory.lora_modules(model, style, "all")
+    normalised = [canonical_module_name(base) for base in names]
+    assert len(set(normalised)) == len(normalised), "two modules of one file normalise to one name"
+    wrong = [base for base, (key, _) in names.items() if is_attention_name(canonical_module_name(base)) != (key in expected)]
+    assert not wrong, wrong[:5]
+
+
+# ------------------------------------------------------------------ what ComfyUI alone does with these files
+#: Namings ComfyUI itself maps to nothing (0.3.75 and 0.8.0): LoraLoader silently patches nothing.
+COMFY_LOADS_NONE = [("wan21_t2v", "diffusers"), ("wan21_i2v", "diffusers"), ("hunyuan_video", "diffusers"),
+                    ("ltxv", "diffusers"), ("z_image", "kohya_diffusers"), ("lumina2", "diffusers")]
+
+
+@pytest.mark.parametrize("family,style", COMFY_LOADS_NONE, ids=[f"{f}-{s}" for f, s in COMFY_LOADS_NONE])
+def test_namings_comfy_maps_to_nothing_load_fully_here(klora_pack, family, style):
+    import comfy.lora
+    from klora_pack.nodes.comfy_key_map import load_lora_patches
+
+    model = _model(family)
+    sd, truth = lora_factory.make_lora(model, style, scope="attn")
+    stock = comfy.lora.load_lora(sd, comfy.lora.model_lora_keys_unet(model.model, {}), log_missing=False)
+    assert stock == {}, f"ComfyUI now maps {len(stock)} {style} modules of {family}: update docs/families.md"
+    parsed = load_lora_patches(sd, model)
+    assert (parsed.n_matched, parsed.n_unmatched, len(parsed.patches)) == (len(sd), 0, len(_units(truth)))
+
+
+def test_lumina2_grouped_query_kv_take_the_models_widths(klora_pack):
+    """Lumina 2 has 2 query heads and 1 k/v head here: k and v are half as wide as q inside ``qkv``."""
+    import comfy.lora
+    from klora_pack.nodes.comfy_key_map import build_unet_key_map
+
+    model = _model("lumina2")
+    qkv = "diffusion_model.layers.0.attention.qkv.weight"
+    assert tuple(model.model.state_dict()[qkv].shape) == (128, 64)  # q 64 + k 32 + v 32 rows
+    ours = build_unet_key_map(model)
+    for name in ("diffusion_model.layers.0.attention.to_k", "transformer.layers.0.attn.to_k"):
+        assert ours[name] == (qkv, (0, 64, 32)), name
+    assert ours["diffusion_model.layers.0.attention.to_v"] == (qkv, (0, 96, 32))
+    stock = comfy.lora.model_lora_keys_unet(model.model, {}).get("diffusion_model.layers.0.attention.to_k")
+    if stock is not None and tuple(stock[1]) == (0, 64, 32):
+        pytest.skip("this ComfyUI maps Lumina 2's grouped-query k itself")
+    # ComfyUI's own entry (where it has one) assumes k as wide as q: rows 64..128, the v rows included.
+    assert stock is None or tuple(stock[1]) == (0, 64, 64)
+
+
+def test_a_k_delta_as_wide_as_q_on_grouped_query_lumina2_names_the_real_reason(klora_pack, tmp_path):
+    from klora_pack.klora_core.errors import KLoRAError
+    from klora_pack.nodes.fuse import fuse_model
+
+    model = _model("lumina2")
+    sd_s, _ = lora_factory.make_lora(model, "zimage_names", scope="attn", seed=1)
+    sd_s["diffusion_model.layers.0.attention.to_k.lora_B.weight"] = torch.zeros(64, 4)  # q's width, not k's 32
+    sd_t, _ = lora_factory.make_lora(model, "kohya", scope="attn", seed=2)
+    with pytest.raises(KLoRAError) as err:
+        fuse_model(model, _handle(tmp_path, "subject", sd_s), _handle(tmp_path, "style", sd_t))
+    message = str(err.value)
+    assert "layers.0.attention.qkv.weight[0:64:+32]" in message and "delta 64x64" in message, message
+    assert "rows 64..96 (32x64) of the model weight (128, 64)" in message, message
+
+
+def test_report_counts_unmatched_tensors_of_any_naming(klora_pack, tmp_path):
+    from klora_pack.nodes.fuse import fuse_model
+
+    model = _model("wan21_t2v")
+    sd_s, _ = lora_factory.make_lora(model, "diffusers", scope="attn", seed=1)
+    sd_s["transformer.blocks.9.attn1.to_q.lora_A.weight"] = torch.zeros(4, 64)  # no block 9 here
+    sd_s["transformer.blocks.0.attn1.to_q.lora_B.bias"] = torch.zeros(64)  # not a tensor ComfyUI reads
+    sd_t, _ = lora_factory.make_lora(model, "kohya", scope="attn", seed=2, alpha=2.0)
+    result = fuse_model(model, _handle(tmp_path, "subject", sd_s), _handle(tmp_path, "style", sd_t))
+    assert (result.stats["subject_matched"], result.stats["subject_unmatched"]) == (len(sd_s) - 2, 2)
+    assert (result.stats["style_matched"], result.stats["style_unmatched"]) == (len(sd_t), 0)
+    assert f"{len(sd_s) - 2} tensors matched, 2 unmatched" in result.report
