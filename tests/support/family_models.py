@@ -119,8 +119,41 @@ def _sd_unet(base: str) -> dict:
     return dict(tiny_models.CONFIGS[base])
 
 
+def _wan(model_type: str, in_dim: int, out_dim: int, **wider) -> dict:
+    """Wan 2.x config: 2 blocks, width 64 in 2 heads unless ``wider`` overrides."""
+    return {"image_model": "wan2.1", "model_type": model_type, "patch_size": (1, 2, 2), "in_dim": in_dim,
+            "dim": 64, "ffn_dim": 128, "freq_dim": 32, "text_dim": 32, "out_dim": out_dim, "num_heads": 2,
+            "num_layers": 2, "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6, **wider}
+
+
+def _lumina(**overrides) -> dict:
+    """Lumina 2 / Z-Image (NextDiT) config: one main layer, one noise and one context refiner layer."""
+    return {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "n_layers": 1,
+            "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 1, "multiple_of": 16, "ffn_dim_multiplier": 4.0,
+            "qk_norm": True, "cap_feat_dim": 32, "axes_dims": [8, 12, 12], "axes_lens": [300, 512, 512],
+            "rope_theta": 10000.0, **overrides}
+
+
+def _hunyuan(**overrides) -> dict:
+    """HunyuanVideo config: one double and one single block (two token-refiner blocks are fixed)."""
+    return {"image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32,
+            "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1,
+            "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 256, "patch_size": [1, 2, 2],
+            "qkv_bias": True, "guidance_embed": True, **overrides}
+
+
+#: HunyuanVideoParams fields some ComfyUI versions require and others reject.
+_HUNYUAN_OPTIONAL = dict(
+    optional_config={"byt5": False, "meanflow": False, "use_cond_type_embedding": False, "vision_in_dim": None,
+                     "meanflow_sum": False},
+    params_class="comfy.ldm.hunyuan_video.model.HunyuanVideoParams")
 FLUX_ATTENTION = r"double_blocks\.\d+\.(img_attn|txt_attn)\.(qkv|proj)|single_blocks\.\d+\.linear[12]"
 FLUX_BLOCKS = r"(double_blocks|single_blocks)\.\d+"
+HUNYUAN_ATTENTION = FLUX_ATTENTION + r"|txt_in\.individual_token_refiner\.blocks\.\d+\.self_attn\.(qkv|proj)"
+HUNYUAN_BLOCKS = FLUX_BLOCKS + r"|txt_in\.individual_token_refiner\.blocks\.\d+"
+WAN_ATTENTION = r"blocks\.\d+\.(self_attn|cross_attn)\.[qkvo]"
+LUMINA_ATTENTION = r"(layers|noise_refiner|context_refiner)\.\d+\.attention\.(qkv|out)"
+LUMINA_BLOCKS = r"(layers|noise_refiner|context_refiner)\.\d+"
 
 _SPECS = [
     FamilySpec(
@@ -179,86 +212,40 @@ _SPECS = [
         r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0|to_add_out)",
         2 * 8, r"transformer_blocks\.\d+"),
     FamilySpec(
-        "lumina2", "Lumina Image 2.0", "Lumina2", {
-            "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "n_layers": 1,
-            "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 1, "multiple_of": 16,
-            "ffn_dim_multiplier": 4.0, "qk_norm": True, "cap_feat_dim": 32, "axes_dims": [8, 12, 12],
-            "axes_lens": [300, 512, 512], "rope_theta": 10000.0,
-        }, (16, 8, 8), (6, 32),
-        r"(layers|noise_refiner|context_refiner)\.\d+\.attention\.(qkv|out)",
-        3 * 2, r"(layers|noise_refiner|context_refiner)\.\d+", notes="grouped-query: 2 query heads, 1 k/v head"),
+        "lumina2", "Lumina Image 2.0", "Lumina2", _lumina(), (16, 8, 8), (6, 32), LUMINA_ATTENTION, 3 * 2,
+        LUMINA_BLOCKS, notes="grouped-query: 2 query heads, 1 k/v head"),
     FamilySpec(
-        "z_image", "Z-Image", "ZImage", {
-            "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 256, "n_layers": 1,
-            "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 2, "multiple_of": 16,
-            "ffn_dim_multiplier": 8.0 / 3.0, "qk_norm": True, "cap_feat_dim": 32, "axes_dims": [32, 48, 48],
-            "axes_lens": [64, 64, 64], "rope_theta": 256.0, "z_image_modulation": True, "time_scale": 1000.0,
-        }, (16, 8, 8), (6, 32),
-        r"(layers|noise_refiner|context_refiner)\.\d+\.attention\.(qkv|out)",
-        3 * 2, r"(layers|noise_refiner|context_refiner)\.\d+",
+        "z_image", "Z-Image", "ZImage",
+        _lumina(dim=256, n_kv_heads=2, ffn_dim_multiplier=8.0 / 3.0, axes_dims=[32, 48, 48], axes_lens=[64, 64, 64],
+                rope_theta=256.0, z_image_modulation=True, time_scale=1000.0),
+        (16, 8, 8), (6, 32), LUMINA_ATTENTION, 3 * 2, LUMINA_BLOCKS,
         notes="z_image_modulation needs dim >= 256 (its adaLN input is min(dim, 256) wide)"),
+    FamilySpec("wan21_t2v", "Wan 2.1 T2V", "WAN21_T2V", _wan("t2v", 16, 16), (16, 2, 8, 8), (6, 32),
+               WAN_ATTENTION, 2 * 8, r"blocks\.\d+"),
+    FamilySpec("wan21_i2v", "Wan 2.1 I2V", "WAN21_I2V", _wan("i2v", 36, 16), (16, 2, 8, 8), (6, 32),
+               r"blocks\.\d+\.(self_attn\.[qkvo]|cross_attn\.([qkvo]|k_img|v_img))", 2 * 10, r"blocks\.\d+",
+               extras=_wan_i2v_extras),
+    FamilySpec("wan22", "Wan 2.2 TI2V", "WAN22_T2V", _wan("t2v", 48, 48), (48, 2, 8, 8), (6, 32),
+               WAN_ATTENTION, 2 * 8, r"blocks\.\d+"),
     FamilySpec(
-        "wan21_t2v", "Wan 2.1 T2V", "WAN21_T2V", {
-            "image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "text_len": 8,
-            "in_dim": 16, "dim": 64, "ffn_dim": 128, "freq_dim": 32, "text_dim": 32, "out_dim": 16,
-            "num_heads": 2, "num_layers": 2, "window_size": (-1, -1), "qk_norm": True,
-            "cross_attn_norm": True, "eps": 1e-6,
-        }, (16, 2, 8, 8), (6, 32),
-        r"blocks\.\d+\.(self_attn|cross_attn)\.[qkvo]", 2 * 8, r"blocks\.\d+"),
+        # What comfy/model_detection.py derives for Wan 2.1: heads = dim // 128, text 4096 wide, freq 256.
+        "wan21_t2v_native", "Wan 2.1 T2V (natively detected)", "WAN21_T2V",
+        _wan("t2v", 16, 16, dim=128, ffn_dim=256, freq_dim=256, text_dim=4096, num_heads=1),
+        (16, 2, 8, 8), (6, 4096), WAN_ATTENTION, 2 * 8, r"blocks\.\d+", native=True),
     FamilySpec(
-        "wan21_i2v", "Wan 2.1 I2V", "WAN21_I2V", {
-            "image_model": "wan2.1", "model_type": "i2v", "patch_size": (1, 2, 2), "text_len": 8,
-            "in_dim": 36, "dim": 64, "ffn_dim": 128, "freq_dim": 32, "text_dim": 32, "out_dim": 16,
-            "num_heads": 2, "num_layers": 2, "window_size": (-1, -1), "qk_norm": True,
-            "cross_attn_norm": True, "eps": 1e-6,
-        }, (16, 2, 8, 8), (6, 32),
-        r"blocks\.\d+\.(self_attn\.[qkvo]|cross_attn\.([qkvo]|k_img|v_img))", 2 * 10, r"blocks\.\d+",
-        extras=_wan_i2v_extras),
-    FamilySpec(
-        "wan22", "Wan 2.2 TI2V", "WAN22_T2V", {
-            "image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "text_len": 8,
-            "in_dim": 48, "dim": 64, "ffn_dim": 128, "freq_dim": 32, "text_dim": 32, "out_dim": 48,
-            "num_heads": 2, "num_layers": 2, "window_size": (-1, -1), "qk_norm": True,
-            "cross_attn_norm": True, "eps": 1e-6,
-        }, (48, 2, 8, 8), (6, 32),
-        r"blocks\.\d+\.(self_attn|cross_attn)\.[qkvo]", 2 * 8, r"blocks\.\d+"),
-    FamilySpec(
-        "wan21_t2v_native", "Wan 2.1 T2V (natively detected)", "WAN21_T2V", {
-            # What comfy/model_detection.py derives for Wan 2.1: heads = dim // 128, text 4096 wide, freq 256.
-            "image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "in_dim": 16, "dim": 128,
-            "ffn_dim": 256, "freq_dim": 256, "text_dim": 4096, "out_dim": 16, "num_heads": 1, "num_layers": 2,
-            "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6,
-        }, (16, 2, 8, 8), (6, 4096),
-        r"blocks\.\d+\.(self_attn|cross_attn)\.[qkvo]", 2 * 8, r"blocks\.\d+", native=True),
-    FamilySpec(
-        "hunyuan_video", "HunyuanVideo", "HunyuanVideo", {
-            "image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32,
-            "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1,
-            "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 256, "patch_size": [1, 2, 2],
-            "qkv_bias": True, "guidance_embed": True,
-        }, (16, 2, 8, 8), (6, 32),
-        FLUX_ATTENTION + r"|txt_in\.individual_token_refiner\.blocks\.\d+\.self_attn\.(qkv|proj)",
+        "hunyuan_video", "HunyuanVideo", "HunyuanVideo", _hunyuan(), (16, 2, 8, 8), (6, 32),
+        HUNYUAN_ATTENTION,
         # 1 double block (4) + 1 single block (2) + 2 token-refiner blocks (2 each)
-        4 + 2 + 2 * 2, FLUX_BLOCKS + r"|txt_in\.individual_token_refiner\.blocks\.\d+",
-        extras=_hunyuan_extras, cfg=1.0,
-        optional_config={"byt5": False, "meanflow": False, "use_cond_type_embedding": False, "vision_in_dim": None,
-                         "meanflow_sum": False},
-        params_class="comfy.ldm.hunyuan_video.model.HunyuanVideoParams"),
+        4 + 2 + 2 * 2, HUNYUAN_BLOCKS,
+        extras=_hunyuan_extras, cfg=1.0, **_HUNYUAN_OPTIONAL),
     FamilySpec(
-        "hunyuan_video_native", "HunyuanVideo (natively detected)", "HunyuanVideo", {
-            # Detection: heads = hidden // 128, axes [16, 56, 56], vec_in_dim 768, theta 256, mlp_ratio 4.
-            "image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768,
-            "context_in_dim": 32, "hidden_size": 128, "mlp_ratio": 4.0, "num_heads": 1, "depth": 1,
-            "depth_single_blocks": 1, "axes_dim": [16, 56, 56], "theta": 256, "patch_size": [1, 2, 2],
-            "qkv_bias": True, "guidance_embed": True,
-        }, (16, 2, 8, 8), (6, 32),
-        FLUX_ATTENTION + r"|txt_in\.individual_token_refiner\.blocks\.\d+\.self_attn\.(qkv|proj)",
-        4 + 2 + 2 * 2, FLUX_BLOCKS + r"|txt_in\.individual_token_refiner\.blocks\.\d+",
+        # Detection: heads = hidden // 128, axes [16, 56, 56], vec_in_dim 768, theta 256, mlp_ratio 4.
+        "hunyuan_video_native", "HunyuanVideo (natively detected)", "HunyuanVideo",
+        _hunyuan(vec_in_dim=768, hidden_size=128, num_heads=1, axes_dim=[16, 56, 56]), (16, 2, 8, 8), (6, 32),
+        HUNYUAN_ATTENTION,
+        4 + 2 + 2 * 2, HUNYUAN_BLOCKS,
         extras=lambda batch, gen: {"pooled_output": torch.randn((batch, 768), generator=gen), "guidance": 6.0},
-        cfg=1.0, native=True,
-        optional_config={"byt5": False, "meanflow": False, "use_cond_type_embedding": False, "vision_in_dim": None,
-                         "meanflow_sum": False},
-        params_class="comfy.ldm.hunyuan_video.model.HunyuanVideoParams"),
+        cfg=1.0, native=True, **_HUNYUAN_OPTIONAL),
     FamilySpec(
         "ltxv", "LTX-Video", "LTXV", {
             "image_model": "ltxv", "in_channels": 128, "cross_attention_dim": 64, "attention_head_dim": 32,
