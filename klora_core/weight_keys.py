@@ -30,6 +30,7 @@ projection one of ``_PROJECTIONS``:
 - Cosmos Predict2: ``*_attn.q_proj/k_proj/v_proj/output_proj``
 - AuraFlow: ``attn.w1q ... w1o``, ``w2q ... w2o``; Stable Cascade ``attention.attn.to_q/k/v/out_proj``
 - Kandinsky 5: ``self_attention``/``cross_attention`` ``to_query/to_key/to_value/out_layer``
+- Mochi: ``attn.qkv_x``/``qkv_y``/``proj_x``/``proj_y``
 
 Special case (documented and tested): FLUX-style single-stream blocks
 (FLUX, Chroma, HunyuanVideo) fuse attention and MLP into ``single_blocks.N.linear1``
@@ -51,6 +52,7 @@ _PROJECTIONS = (
     "q_linear", "kv_linear", "wq", "wk", "wv", "wo",
     "w1q", "w1k", "w1v", "w1o", "w2q", "w2k", "w2v", "w2o",
     "to_query", "to_key", "to_value", "out_layer",
+    "qkv_x", "qkv_y", "proj_x", "proj_y",
 )
 _ATTENTION_NAME = re.compile(
     r"(?:^|_)(?:attn|attention)\d*_(?:" + "|".join(sorted(_PROJECTIONS, key=len, reverse=True)) + r")$"

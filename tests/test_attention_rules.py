@@ -31,6 +31,7 @@ NAMES = [
     ("diffusion_model.down_blocks.0.1.attention.attn.out_proj.weight", True),  # Stable Cascade
     ("diffusion_model.txt_in.individual_token_refiner.blocks.0.self_attn.qkv.weight", True),  # HunyuanVideo
     ("txt_in_individual_token_refiner_blocks_0_self_attn_qkv", True),  # diffusion-pipe spelling, canonical
+    ("diffusion_model.blocks.0.attn.qkv_y.weight", True),  # Mochi (not in the matrix)
     ("diffusion_model.single_blocks.3.linear1.weight", True),  # FLUX single stream (fused with the MLP)
     ("single_transformer_blocks_3_proj_mlp", True),  # its diffusers slice names
     ("single_transformer_blocks_3_proj_out", True),
