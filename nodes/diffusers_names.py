@@ -23,13 +23,13 @@ docs/families.md lists the names per family.
 """
 from __future__ import annotations
 
-import logging
 import re
 
 import comfy.model_base
 import comfy.utils
 
-logger = logging.getLogger(__name__)
+from ..klora_core.name_aliases import port_name
+
 
 #: Prefixes trainers put before diffusers module names of a DiT: bare (PEFT's
 #: ``get_peft_model_state_dict``), ``transformer.`` (diffusers ``save_lora_weights``),
@@ -92,32 +92,18 @@ def _identity(model, model_keys) -> dict:
     return dict(_weight_paths(model_keys))
 
 
-# Wan 2.x: ComfyUI keeps the original Wan names; diffusers' WanTransformer3DModel renames them.
-_WAN_RULES = (
-    (r"blocks\.(\d+)\.self_attn\.([qkv])", r"blocks.\1.attn1.to_\2"),
-    (r"blocks\.(\d+)\.self_attn\.o", r"blocks.\1.attn1.to_out.0"),
-    (r"blocks\.(\d+)\.cross_attn\.([qkv])", r"blocks.\1.attn2.to_\2"),
-    (r"blocks\.(\d+)\.cross_attn\.o", r"blocks.\1.attn2.to_out.0"),
-    (r"blocks\.(\d+)\.cross_attn\.([kv])_img", r"blocks.\1.attn2.add_\2_proj"),
-    (r"blocks\.(\d+)\.ffn\.0", r"blocks.\1.ffn.net.0.proj"),
-    (r"blocks\.(\d+)\.ffn\.2", r"blocks.\1.ffn.net.2"),
-    (r"text_embedding\.0", "condition_embedder.text_embedder.linear_1"),
-    (r"text_embedding\.2", "condition_embedder.text_embedder.linear_2"),
-    (r"time_embedding\.0", "condition_embedder.time_embedder.linear_1"),
-    (r"time_embedding\.2", "condition_embedder.time_embedder.linear_2"),
-    (r"time_projection\.1", "condition_embedder.time_proj"),
-    (r"img_emb\.proj\.1", "condition_embedder.image_embedder.ff.net.0.proj"),
-    (r"img_emb\.proj\.3", "condition_embedder.image_embedder.ff.net.2"),
-    (r"head\.head", "proj_out"),
-    (r"patch_embedding", "patch_embedding"),
-)
+def _port_names(model_keys, family: str, identity: bool = False) -> dict:
+    """``{port path: weight key}`` by klora_core's one-to-one renames of ``family``; ``identity``: every
+    weight also under its ComfyUI path (ports that rename only a few modules)."""
+    out = {}
+    for path, key in _weight_paths(model_keys).items():
+        if identity:
+            out[path] = key
+        name = port_name(family, path)
+        if name is not None:
+            out[name] = key
+    return out
 
-# LTX-Video: ComfyUI's module tree is diffusers' except two top-level renames.
-_LTXV_RULES = (
-    (r"patchify_proj", "proj_in"),
-    (r"adaln_single\.(.+)", r"time_embed.\1"),
-    (r"(.+)", r"\1"),
-)
 
 # HunyuanVideo outside the FLUX-like double/single blocks: embedders and the text token refiner.
 _REFINER = r"txt_in\.individual_token_refiner\.blocks\.(\d+)\."
@@ -137,11 +123,11 @@ _HUNYUAN_RULES = (
 
 
 def _wan(model, model_keys) -> dict:
-    return _renamed(model_keys, _WAN_RULES)
+    return _port_names(model_keys, "wan")
 
 
 def _ltxv(model, model_keys) -> dict:
-    return _renamed(model_keys, _LTXV_RULES)
+    return _port_names(model_keys, "ltxv", identity=True)
 
 
 def _hunyuan_video(model, model_keys) -> dict:
@@ -161,22 +147,6 @@ def _hunyuan_video(model, model_keys) -> dict:
 
 
 _LUMINA_BLOCK = re.compile(r"(layers|noise_refiner|context_refiner)\.(\d+)\.attention\.qkv")
-# Lumina 2's diffusers port renames inside blocks; Z-Image's keeps ComfyUI's names there.
-_LUMINA2_BLOCK_RULES = (("feed_forward.w1", "feed_forward.linear_1"), ("feed_forward.w2", "feed_forward.linear_2"),
-                        ("feed_forward.w3", "feed_forward.linear_3"), ("adaLN_modulation.1", "norm1.linear"))
-_LUMINA_GLOBAL_RULES = (
-    # Z-Image's diffusers port
-    (r"x_embedder", "all_x_embedder.2-1"),
-    (r"final_layer\.(linear|adaLN_modulation\.1)", r"all_final_layer.2-1.\1"),
-)
-_LUMINA2_GLOBAL_RULES = (
-    # Lumina 2's diffusers port
-    (r"t_embedder\.mlp\.0", "time_caption_embed.timestep_embedder.linear_1"),
-    (r"t_embedder\.mlp\.2", "time_caption_embed.timestep_embedder.linear_2"),
-    (r"cap_embedder\.1", "time_caption_embed.caption_embedder.1"),
-    (r"final_layer\.adaLN_modulation\.1", "norm_out.linear_1"),
-    (r"final_layer\.linear", "norm_out.linear_2"),
-)
 
 
 def _lumina(model, model_keys) -> dict:
@@ -186,28 +156,23 @@ def _lumina(model, model_keys) -> dict:
     ``attention.out``) then k and v (n_kv_heads x head_dim rows each): with
     grouped-query attention (Lumina 2: 24 query heads, 8 k/v heads) k and v are
     narrower than q.  Z-Image's port names them ``attention.to_q/k/v``, Lumina 2's
-    ``attn.to_q/k/v``; ``to_out.0`` is ``attention.out``.
+    ``attn.to_q/k/v``; ``to_out.0`` is ``attention.out``.  Z-Image's port keeps
+    ComfyUI's other block names.
     """
     sd = model.state_dict()
-    out = dict(_weight_paths(model_keys))  # Z-Image's port keeps the other block names
+    out = _port_names(model_keys, "lumina2", identity=True)
+    out.update(_port_names(model_keys, "z_image"))
     for path, key in _weight_paths(model_keys).items():
         m = _LUMINA_BLOCK.fullmatch(path)
-        if not m:
-            continue
-        block = f"{m[1]}.{m[2]}."
-        out_key = f"{_PREFIX}{block}attention.out.weight"
+        out_key = f"{_PREFIX}{m[1]}.{m[2]}.attention.out.weight" if m else None
         if out_key not in sd:
             continue
+        block = f"{m[1]}.{m[2]}."
         q = sd[out_key].shape[1]
         kv = (sd[key].shape[0] - q) // 2
         for port in ("attention.", "attn."):
             out.update(_split_rows(key, [f"{block}{port}to_{c}" for c in "qkv"], (q, kv, kv)))
             out[f"{block}{port}to_out.0"] = out_key
-        for ours, theirs in _LUMINA2_BLOCK_RULES:
-            if f"{_PREFIX}{block}{ours}.weight" in sd:
-                out[block + theirs] = f"{_PREFIX}{block}{ours}.weight"
-    out.update(_renamed(model_keys, _LUMINA_GLOBAL_RULES))
-    out.update(_renamed(model_keys, _LUMINA2_GLOBAL_RULES))
     return out
 
 

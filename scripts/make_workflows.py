@@ -414,13 +414,20 @@ def img2img() -> Graph:
     return g
 
 
-def diffusion_model_front(g: Graph, family: str, files: tuple, clip_type: str, sampling: tuple, map_steps: int,
-                          note: str) -> tuple:
+def diffusion_model_front(g: Graph, family: str, title: str, files: tuple, clip_type: str, sampling: tuple,
+                          map_steps: int, trained_for: str, remark: str) -> tuple:
     """The layout of a diffusion-model family: note, UNETLoader -> ModelSampling* (shift) -> K-LoRA Fuse
     (pattern s, beta -1), CLIPLoader -> the two LoRA loaders -> the prompt.  ``files``: (diffusion model,
-    text encoder, VAE) file names; ``sampling``: (node type, shift).  Returns ``(fuse, positive, clip, vae)``."""
-    add_note(g, 520, note)
-    unet_name, clip_name, vae_name = files
+    text encoder, VAE, a remark on the model file) ; ``sampling``: (node type, shift); ``trained_for``: the
+    model the LoRAs need.  Returns ``(fuse, positive, style loader, vae)``."""
+    unet_name, clip_name, vae_name, unet_remark = files
+    add_note(g, 520, (
+        f"K-LoRA on {title}\n\nLoad:\n"
+        f"- models/diffusion_models/{unet_name}{unet_remark}\n"
+        f"- models/text_encoders/{clip_name}\n"
+        f"- models/vae/{vae_name}\n"
+        f"- models/loras/: a SUBJECT LoRA and a STYLE LoRA trained for {trained_for}.\n\n"
+        + NOTE_FAMILY + " " + remark))
     unet = g.add("UNETLoader", [0, 40], [320, 90], {"unet_name": unet_name, "weight_dtype": "default"})
     clip = g.add("CLIPLoader", [0, 170], [320, 110], {"clip_name": clip_name, "type": clip_type, "device": "default"})
     vae = g.add("VAELoader", [0, 320], [320, 60], {"vae_name": vae_name})
@@ -429,6 +436,12 @@ def diffusion_model_front(g: Graph, family: str, files: tuple, clip_type: str, s
     fuse = add_fuse(g, (shifted, 0), subject, style, "s", -1.0, map_steps)
     pos = add_prompt(g, (style, 1), 880, "Prompt")
     return fuse, pos, style, vae
+
+
+def add_negative(g: Graph, clip, y: int, text: str) -> int:
+    """The negative prompt at (0, y)."""
+    return g.add("CLIPTextEncode", [0, y], [380, 100], {"text": text}, {"clip": clip}, title="Negative prompt",
+                 color=NEGATIVE_COLOR)
 
 
 NOTE_FAMILY = (
@@ -444,18 +457,11 @@ NOTE_FAMILY = (
 def wan_t2v() -> Graph:
     g = Graph("klora_wan_t2v")
     fuse, pos, style, vae = diffusion_model_front(
-        g, "wan", ("wan2.1_t2v_1.3B_fp16.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
-                   "wan_2.1_vae.safetensors"), "wan", ("ModelSamplingSD3", 8.0), 30, (
-            "K-LoRA on Wan 2.x text-to-video\n\n"
-            "Load:\n"
-            "- models/diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors (or the 14B model, or Wan 2.2 "
-            "TI2V 5B with its wan2.2_vae)\n"
-            "- models/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors\n"
-            "- models/vae/wan_2.1_vae.safetensors\n"
-            "- models/loras/: a SUBJECT LoRA and a STYLE LoRA trained for the same Wan model.\n\n"
-            + NOTE_FAMILY + " K-LoRA switches every self- and cross-attention projection of every block."))
-    neg = g.add("CLIPTextEncode", [0, 1050], [380, 100], {"text": "blurry, static, low quality, deformed"},
-                {"clip": (style, 1)}, title="Negative prompt", color=NEGATIVE_COLOR)
+        g, "wan", "Wan 2.x text-to-video",
+        ("wan2.1_t2v_1.3B_fp16.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan_2.1_vae.safetensors",
+         " (or the 14B model, or Wan 2.2 TI2V 5B with its wan2.2_vae)"), "wan", ("ModelSamplingSD3", 8.0), 30,
+        "the same Wan model", "K-LoRA switches every self- and cross-attention projection of every block.")
+    neg = add_negative(g, (style, 1), 1050, "blurry, static, low quality, deformed")
     latent = g.add("EmptyHunyuanLatentVideo", [380, 800], [300, 130],
                    {"width": 832, "height": 480, "length": 33, "batch_size": 1})
     add_sampling(g, fuse, (pos, 0), (neg, 0), (latent, 0), (vae, 0), 30, 6.0, "simple", 1.0, "klora/wan",
@@ -468,17 +474,11 @@ def wan_t2v() -> Graph:
 def qwen_image() -> Graph:
     g = Graph("klora_qwen_image")
     fuse, pos, style, vae = diffusion_model_front(
-        g, "qwen_image", ("qwen_image_fp8_e4m3fn.safetensors", "qwen_2.5_vl_7b_fp8_scaled.safetensors",
-                          "qwen_image_vae.safetensors"), "qwen_image", ("ModelSamplingAuraFlow", 3.1), 20, (
-            "K-LoRA on Qwen-Image\n\n"
-            "Load:\n"
-            "- models/diffusion_models/qwen_image_fp8_e4m3fn.safetensors\n"
-            "- models/text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors\n"
-            "- models/vae/qwen_image_vae.safetensors\n"
-            "- models/loras/: a SUBJECT LoRA and a STYLE LoRA trained for Qwen-Image.\n\n"
-            + NOTE_FAMILY + " K-LoRA switches the image and text streams' attention projections."))
-    neg = g.add("CLIPTextEncode", [0, 1050], [380, 100], {"text": " "}, {"clip": (style, 1)},
-                title="Negative prompt", color=NEGATIVE_COLOR)
+        g, "qwen_image", "Qwen-Image",
+        ("qwen_image_fp8_e4m3fn.safetensors", "qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_image_vae.safetensors",
+         ""), "qwen_image", ("ModelSamplingAuraFlow", 3.1), 20, "Qwen-Image",
+        "K-LoRA switches the image and text streams' attention projections.")
+    neg = add_negative(g, (style, 1), 1050, " ")
     latent = add_empty_latent(g, "EmptySD3LatentImage", 1328)
     add_sampling(g, fuse, (pos, 0), (neg, 0), (latent, 0), (vae, 0), 20, 2.5, "simple", 1.0, "klora/qwen_image")
     return g
@@ -487,16 +487,11 @@ def qwen_image() -> Graph:
 def z_image() -> Graph:
     g = Graph("klora_z_image")
     fuse, pos, _style, vae = diffusion_model_front(
-        g, "z_image", ("z_image_turbo_bf16.safetensors", "qwen_3_4b.safetensors", "ae.safetensors"), "lumina2",
-        ("ModelSamplingAuraFlow", 3.0), 9, (
-            "K-LoRA on Z-Image (Turbo)\n\n"
-            "Load:\n"
-            "- models/diffusion_models/z_image_turbo_bf16.safetensors\n"
-            "- models/text_encoders/qwen_3_4b.safetensors\n"
-            "- models/vae/ae.safetensors (the FLUX.1 VAE)\n"
-            "- models/loras/: a SUBJECT LoRA and a STYLE LoRA trained for Z-Image.\n\n"
-            + NOTE_FAMILY + " Turbo samples in 9 steps at cfg 1 (map_steps 9); K-LoRA switches "
-            "every attention qkv and out projection, the refiners' included."))
+        g, "z_image", "Z-Image (Turbo)",
+        ("z_image_turbo_bf16.safetensors", "qwen_3_4b.safetensors", "ae.safetensors", ""), "lumina2",
+        ("ModelSamplingAuraFlow", 3.0), 9, "Z-Image",
+        "Turbo samples in 9 steps at cfg 1 (map_steps 9); K-LoRA switches every attention qkv and out "
+        "projection, the refiners' included. The VAE is FLUX.1's ae.safetensors.")
     negative = g.add("ConditioningZeroOut", [0, 1050], [240, 30], links={"conditioning": (pos, 0)})
     latent = add_empty_latent(g, "EmptySD3LatentImage", 1024)
     add_sampling(g, fuse, (pos, 0), (negative, 0), (latent, 0), (vae, 0), 9, 1.0, "simple", 1.0, "klora/z_image",

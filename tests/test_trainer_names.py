@@ -118,21 +118,7 @@ def test_every_tensor_loads_onto_its_truth(klora_pack, family, style):
            for k in parsed.patches}
     assert got == _units(truth)
 
-    strength = 0.7
-    w0 = {k: v.detach().clone() for k, v in model.model.state_dict().items()}
-    patched = model.clone()
-    patched.add_patches(parsed.patches, strength)
-    patched.patch_model(device_to=torch.device("cpu"))
-    try:
-        now = patched.model.state_dict()
-        for key, w in w0.items():
-            if key in truth:
-                want = lora_factory.expected_weight(w, truth[key], strength)
-                torch.testing.assert_close(now[key].to(torch.float64), want, rtol=1e-5, atol=1e-6, msg=key)
-            else:
-                assert torch.equal(now[key], w), f"{key} changed but the {style} file does not target it"
-    finally:
-        patched.unpatch_model(device_to=torch.device("cpu"))
+    lora_factory.check_patched_weights(model.clone(), parsed.patches, truth, strength=0.7)
 
 
 # ------------------------------------------------------------------ forced subject = ComfyUI / brute force
@@ -164,7 +150,6 @@ def test_forced_subject_equals_the_files_own_loading(klora_pack, tmp_path, famil
 # ------------------------------------------------------------------ subject and style from different trainers
 @pytest.mark.parametrize("family,subject_style,style_style", list(_mixed_pairs()))
 def test_mixed_naming_pair_equals_brute_force(klora_pack, tmp_path, family, subject_style, style_style):
-    import comfy.samplers
     from klora_pack.nodes.fuse import fuse_model
 
     spec = fm.FAMILIES[family]
@@ -175,9 +160,7 @@ def test_mixed_naming_pair_equals_brute_force(klora_pack, tmp_path, family, subj
     result = fuse_model(model, _handle(tmp_path, "subject", sd_s), _handle(tmp_path, "style", sd_t))
     assert result.stats["subject_unmatched"] == result.stats["style_unmatched"] == 0
     ours = fm.sample(result.model, family, steps=steps, scheduler=scheduler)
-    full = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps)
-    ref = brute_force.BruteForce(family, 0, truth_s, truth_t, full_sigmas=full)
-    expected = fm.sample(ref.patcher, family, steps=steps, scheduler=scheduler)
+    expected, ref = brute_force.sample_reference(model, family, truth_s, truth_t, steps, scheduler)
     torch.testing.assert_close(ours, expected, atol=ATOL, rtol=RTOL)
     assert {ref.plan.uses_subject(u, p) for u in ref.plan.ts for p in ref.progress_log} == {True, False}
 

@@ -320,3 +320,26 @@ def save_lora(state_dict: dict, path) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.detach().contiguous().clone() for k, v in state_dict.items()}, str(path))
+
+
+def check_patched_weights(model_patcher, patches: dict, truth: dict, strength: float) -> None:
+    """Patch ``model_patcher`` with ``patches`` at ``strength``; every truth weight must equal the brute force
+    :func:`expected_weight` (rtol 1e-5) and differ from its original, every other weight stay bit-identical;
+    afterwards every weight is restored.  ``len(truth modules)`` patches must be accepted.  Raises AssertionError."""
+    w0 = {k: v.detach().clone() for k, v in model_patcher.model.state_dict().items()}
+    n_modules = sum(len(entries) for entries in truth.values())
+    assert len(model_patcher.add_patches(patches, strength)) == n_modules
+    model_patcher.patch_model(device_to=torch.device("cpu"))
+    try:
+        now = model_patcher.model.state_dict()
+        for key, w in w0.items():
+            if key in truth:
+                want = expected_weight(w, truth[key], strength)
+                torch.testing.assert_close(now[key].to(torch.float64), want, rtol=1e-5, atol=1e-6, msg=key)
+                assert not torch.equal(now[key], w), key
+            else:
+                assert torch.equal(now[key], w), f"{key} changed but no LoRA module targets it"
+    finally:
+        model_patcher.unpatch_model(device_to=torch.device("cpu"))
+    for key, w in w0.items():
+        assert torch.equal(model_patcher.model.state_dict()[key], w), f"{key} not restored"

@@ -177,42 +177,44 @@ def _lumina_blocks(sd: dict):
             yield f"{part}.{i}."
 
 
-def zimage_port_paths(model_patcher) -> dict:
-    """Z-Image's diffusers port (ZImageTransformer2DModel): ``attention.to_q/k/v``, ``to_out.0``, ``all_*``."""
+def _lumina_port(model_patcher, attn: str, block_pairs, global_pairs) -> dict:
+    """A Lumina 2 / Z-Image diffusers port: ``<block>.<attn>to_q/k/v`` slices of ``attention.qkv`` (q ``dim``
+    rows, k and v ``n_kv_heads * head_dim`` each), ``to_out.0`` = ``attention.out``, then renamed pairs."""
     sd = _sd(model_patcher)
     q, kv = _lumina_widths(model_patcher)
     pairs = []
     for b in _lumina_blocks(sd):
         qkv = b + "attention.qkv"
-        pairs += [(b + "attention.to_q", qkv, (0, 0, q)), (b + "attention.to_k", qkv, (0, q, kv)),
-                  (b + "attention.to_v", qkv, (0, q + kv, kv)), (b + "attention.to_out.0", b + "attention.out", None)]
-        pairs += [(b + name, b + name, None) for name in ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3",
-                                                          "adaLN_modulation.0", "adaLN_modulation.1")]
-    pairs += [("all_x_embedder.2-1", "x_embedder", None), ("all_final_layer.2-1.linear", "final_layer.linear", None),
-              ("all_final_layer.2-1.adaLN_modulation.1", "final_layer.adaLN_modulation.1", None),
-              ("cap_embedder.1", "cap_embedder.1", None), ("t_embedder.mlp.0", "t_embedder.mlp.0", None),
-              ("t_embedder.mlp.2", "t_embedder.mlp.2", None)]
+        pairs += [(b + attn + "to_q", qkv, (0, 0, q)), (b + attn + "to_k", qkv, (0, q, kv)),
+                  (b + attn + "to_v", qkv, (0, q + kv, kv)), (b + attn + "to_out.0", b + "attention.out", None)]
+        pairs += [(b + theirs, b + ours, None) for theirs, ours in block_pairs]
+    pairs += [(theirs, ours, None) for theirs, ours in global_pairs]
     return _table(sd, pairs)
+
+
+_ZIMAGE_BLOCK = [(n, n) for n in ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3", "adaLN_modulation.0",
+                                  "adaLN_modulation.1")]
+_ZIMAGE_GLOBAL = [("all_x_embedder.2-1", "x_embedder"), ("all_final_layer.2-1.linear", "final_layer.linear"),
+                  ("all_final_layer.2-1.adaLN_modulation.1", "final_layer.adaLN_modulation.1"),
+                  ("cap_embedder.1", "cap_embedder.1"), ("t_embedder.mlp.0", "t_embedder.mlp.0"),
+                  ("t_embedder.mlp.2", "t_embedder.mlp.2")]
+_LUMINA2_BLOCK = [(f"feed_forward.linear_{n}", f"feed_forward.w{n}") for n in (1, 2, 3)] + [
+    ("norm1.linear", "adaLN_modulation.1")]
+_LUMINA2_GLOBAL = [("x_embedder", "x_embedder"),
+                   ("time_caption_embed.timestep_embedder.linear_1", "t_embedder.mlp.0"),
+                   ("time_caption_embed.timestep_embedder.linear_2", "t_embedder.mlp.2"),
+                   ("time_caption_embed.caption_embedder.1", "cap_embedder.1"),
+                   ("norm_out.linear_1", "final_layer.adaLN_modulation.1"), ("norm_out.linear_2", "final_layer.linear")]
+
+
+def zimage_port_paths(model_patcher) -> dict:
+    """Z-Image's diffusers port (ZImageTransformer2DModel): ``attention.to_q/k/v``, ``to_out.0``, ``all_*``."""
+    return _lumina_port(model_patcher, "attention.", _ZIMAGE_BLOCK, _ZIMAGE_GLOBAL)
 
 
 def lumina2_port_paths(model_patcher) -> dict:
     """Lumina 2's diffusers port (Lumina2Transformer2DModel): ``attn.to_q/k/v``, ``feed_forward.linear_N``."""
-    sd = _sd(model_patcher)
-    q, kv = _lumina_widths(model_patcher)
-    pairs = []
-    for b in _lumina_blocks(sd):
-        qkv = b + "attention.qkv"
-        pairs += [(b + "attn.to_q", qkv, (0, 0, q)), (b + "attn.to_k", qkv, (0, q, kv)),
-                  (b + "attn.to_v", qkv, (0, q + kv, kv)), (b + "attn.to_out.0", b + "attention.out", None),
-                  (b + "norm1.linear", b + "adaLN_modulation.1", None)]
-        pairs += [(f"{b}feed_forward.linear_{n}", f"{b}feed_forward.w{n}", None) for n in (1, 2, 3)]
-    pairs += [("x_embedder", "x_embedder", None),
-              ("time_caption_embed.timestep_embedder.linear_1", "t_embedder.mlp.0", None),
-              ("time_caption_embed.timestep_embedder.linear_2", "t_embedder.mlp.2", None),
-              ("time_caption_embed.caption_embedder.1", "cap_embedder.1", None),
-              ("norm_out.linear_1", "final_layer.adaLN_modulation.1", None),
-              ("norm_out.linear_2", "final_layer.linear", None)]
-    return _table(sd, pairs)
+    return _lumina_port(model_patcher, "attn.", _LUMINA2_BLOCK, _LUMINA2_GLOBAL)
 
 
 def _comfy_utils_table(function_name: str) -> Callable:
