@@ -304,3 +304,20 @@ def test_report_counts_unmatched_tensors_of_any_naming(klora_pack, tmp_path):
     assert (result.stats["subject_matched"], result.stats["subject_unmatched"]) == (len(sd_s) - 2, 2)
     assert (result.stats["style_matched"], result.stats["style_unmatched"]) == (len(sd_t), 0)
     assert f"{len(sd_s) - 2} tensors matched, 2 unmatched" in result.report
+
+
+@pytest.mark.parametrize("family,style_a,style_b", [("wan21_i2v", "kohya", "diffusers"),
+                                                    ("lumina2", "diffusers", "zimage_names"),
+                                                    ("hunyuan_video", "kohya", "diffusion_pipe")])
+def test_cli_reads_a_pair_from_two_trainers_as_one_set_of_layers(klora_pack, family, style_a, style_b):
+    """What ``python -m klora_core inspect`` and /klora/preview read: every attention layer of both files is shared."""
+    from klora_pack.klora_core.lora_file import lora_modules
+    from klora_pack.klora_core.weight_keys import is_attention_name
+
+    model = _model(family)
+    sd_a, truth_a = lora_factory.make_lora(model, style_a, seed=1)
+    sd_b, truth_b = lora_factory.make_lora(model, style_b, seed=2, keys=set(truth_a))
+    modules_a, modules_b = lora_modules(sd_a, source=style_a), lora_modules(sd_b, source=style_b)
+    shared = set(modules_a) & set(modules_b)
+    assert shared == set(modules_b) and all(is_attention_name(name) for name in shared)
+    assert len(shared) == len(_units(truth_b))
