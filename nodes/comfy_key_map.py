@@ -89,11 +89,6 @@ class LoraPatches(NamedTuple):
     unmatched_keys: list
 
 
-def _target_key(target) -> str:
-    """State-dict key of a key-map value (a str, or a tuple whose first item is the key)."""
-    return target if isinstance(target, str) else target[0]
-
-
 def _same_weight_other_slice(old, new) -> bool:
     """Both values are slices of the same fused weight, at different rows (see build_unet_key_map)."""
     return (isinstance(old, tuple) and isinstance(new, tuple) and len(old) == len(new) == 2
