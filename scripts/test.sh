@@ -73,7 +73,7 @@ for leg in "${legs[@]}"; do
     continue
   fi
 
-  args=(-q tests)
+  args=(-q)  # no path: pytest runs its testpaths (tests/) unless paths are passed on
   [[ -n "$mark" ]] && args+=(-m "$mark")
   log="$(mktemp)"
   "${leg_env[@]}" "$VPY" -m pytest "${args[@]}" "${pytest_args[@]}" 2>&1 | tee "$log"
