@@ -3,8 +3,8 @@
 #
 #   bash scripts/test.sh [pytest args...]        e.g. bash scripts/test.sh -k cli -x
 #       1. the whole suite on ComfyUI 0.3.75;
-#       2. the tests that reach ComfyUI (marker "comfyui", see tests/conftest.py;
-#          the browser test excepted) on ComfyUI 0.8.0.
+#       2. the tests that reach ComfyUI (marker "comfyui", see tests/conftest.py:
+#          server, browser, exactness, fuse, LoRA parsing ...) on ComfyUI 0.8.0.
 #   bash scripts/test.sh --comfyui 0.8.0 [args]  one leg, that version only (so does
 #                                                KLORA_COMFYUI_VERSION=0.8.0)
 #   COMFYUI_PATH=~/ComfyUI bash scripts/test.sh   one leg: the whole suite on that checkout
@@ -15,13 +15,13 @@
 # python.  A leg whose ComfyUI source is not available here (setup exit 3)
 # is skipped with a loud warning.  Exits non-zero when any leg failed;
 # "no tests collected" (pytest exit 5) counts as a failure.  A -m expression
-# given here narrows every leg (the second: "(EXPR) and comfyui and not browser").
+# given here narrows every leg (the second: "(EXPR) and comfyui").
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 FULL_VERSION="0.3.75"    # runs the whole suite
 SECOND_VERSION="0.8.0"   # runs the ComfyUI-facing tests
-COMFY_FACING="comfyui and not browser"
+COMFY_FACING="comfyui"
 
 only_version="${KLORA_COMFYUI_VERSION:-}"
 user_mark=""
