@@ -51,7 +51,11 @@ def pytest_report_header(config):
         root = comfy_env.find_comfy_root()
     except comfy_env.ComfyEnvError as exc:
         return f"ComfyUI: not found ({exc})"
-    return f"ComfyUI: {comfy_env.comfy_version(root)} at {root}; python {sys.executable}"
+    try:
+        version = comfy_env.comfy_version(root)
+    except (OSError, AttributeError):  # a checkout without comfyui_version.py (older ComfyUI)
+        version = "version unknown"
+    return f"ComfyUI: {version} at {root}; python {sys.executable}"
 
 
 def pytest_collection_modifyitems(config, items):
