@@ -32,7 +32,10 @@ import time
 import urllib.error
 from pathlib import Path
 
-from .comfy.server import ComfyUIServer, ServerError, find_comfy_root, link_or_copy, server_uses_cpu
+from .arg_types import UsageError
+from .comfy.sampler_names import unknown_name_message
+from .comfy.server import (PACK_DIR_NAME, ComfyUIServer, ServerError, find_comfy_root, link_or_copy,
+                           server_uses_cpu)
 from .contact_sheet import contact_sheet, short_number
 from ..errors import KLoRAError
 from .run_graphs import IDS, NODE_LABELS, build_workflow
@@ -43,7 +46,7 @@ from .terminal_progress import Progress
 def add_run_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``run`` subcommand on ``subparsers`` (klora_core.cli.main)."""
     parser = build_run_parser(subparsers)
-    parser.set_defaults(func=run_command)
+    parser.set_defaults(func=run_command, check=check_run_options)
     return parser
 
 
@@ -65,8 +68,13 @@ def run_command(args) -> int:
 
 def _run(args) -> int:
     t_start = time.monotonic()
-    check_run_options(args)
+    if not hasattr(args, "seeds"):  # called without klora_core.cli.main (which checks usage first)
+        check_run_options(args)
     comfy_root = find_comfy_root(args.comfyui)
+    for kind in ("sampler", "scheduler"):  # a typo fails here, not after ComfyUI started
+        message = unknown_name_message(comfy_root, kind, getattr(args, kind), PACK_DIR_NAME)
+        if message:
+            raise UsageError(message)
     out_dir = Path(args.out).expanduser()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
