@@ -14,6 +14,7 @@ whichever subcommand and whichever line of code would have imported it first
 from __future__ import annotations
 
 import importlib
+import warnings
 
 #: import name -> pip name, in the order the message lists them.
 PACKAGES = {"torch": "torch", "numpy": "numpy", "safetensors": "safetensors", "PIL": "Pillow"}
@@ -23,10 +24,12 @@ def missing_packages() -> list:
     """pip names of the :data:`PACKAGES` that cannot be imported here (an import that fails counts)."""
     missing = []
     for module, pip_name in PACKAGES.items():
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            missing.append(pip_name)
+        with warnings.catch_warnings():  # torch warns "Failed to initialize NumPy" without numpy
+            warnings.simplefilter("ignore")
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                missing.append(pip_name)
     return missing
 
 
