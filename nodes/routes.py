@@ -21,8 +21,19 @@ Every problem with the request is a 400 with ``{"error": {"type", "param",
 a 422 with the same shape.  Scores are computed once per pair of file
 *contents* (SHA-256) and scope, at strength 1, and kept in a bounded LRU
 cache; strengths and the schedule are applied afterwards, so dragging a
-slider never rescores.  Scoring runs in a worker thread so the server's event
-loop stays responsive.
+slider never rescores.
+
+Scoring runs on the route's own two worker threads (:data:`WORKERS`), never in
+asyncio's default thread pool: aiohttp serves files from that pool (ComfyUI's
+``/view``), and previews waiting there for the scoring lock once held every
+one of its threads (``/view`` took 30.8 s instead of 1.3 ms with six slow
+previews in flight).  One pair is scored at a time; a request that needs
+scoring while another pair is being scored, or that finds :data:`MAX_WAITING`
+requests already waiting, gets a 503 ``{"error": {"type": "busy"}}`` with
+``Retry-After`` (the frontend retries), so no thread ever waits on the lock.
+
+Error messages name LoRA files as ComfyUI lists them (relative to the loras
+folder), never by their absolute path on the server.
 
 Registration is guarded: without a running ``server.PromptServer`` (e.g. when
 tests import the pack in-process) importing this module registers nothing.
@@ -37,6 +48,7 @@ import os
 import sys
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..klora_core import schedule
@@ -52,6 +64,12 @@ MAX_BODY_BYTES = 64 * 1024
 
 #: Pairs of files (x scope) whose scores are kept.
 CACHE_PAIRS = 16
+#: Threads of the route's own executor: one scores, the other answers cached requests meanwhile.
+WORKERS = 2
+#: Requests allowed to wait for a worker; beyond that the route answers "busy" at once.
+MAX_WAITING = 8
+#: Seconds the client is asked to wait before retrying a "busy" answer.
+RETRY_AFTER_S = 1
 
 
 # ---------------------------------------------------------------- scoring + cache
@@ -73,6 +91,19 @@ _CACHE: "OrderedDict[tuple, _Scored]" = OrderedDict()
 _CACHE_LOCK = threading.Lock()
 _SCORE_LOCK = threading.Lock()  # one scoring at a time (bounded memory: two files read at once)
 _STATS = {"hits": 0, "misses": 0}
+_EXECUTOR = None  # ThreadPoolExecutor, made on first use
+_WAITING = 0  # requests submitted to the executor and not finished (changed on the event loop only)
+
+
+class PreviewBusy(Exception):
+    """Another pair is being scored: answer 503 and let the client retry."""
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        _EXECUTOR = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="klora-preview")
+    return _EXECUTOR
 
 
 def clear_cache() -> None:
@@ -154,7 +185,9 @@ def scored_pair(p: PreviewParams):
     hit = _cached(key)
     if hit is not None:
         return hit, True
-    with _SCORE_LOCK:
+    if not _SCORE_LOCK.acquire(blocking=False):  # never park a worker thread on the lock
+        raise PreviewBusy()
+    try:
         hit = _cached(key)  # computed by a concurrent request meanwhile?
         if hit is not None:
             return hit, True
@@ -164,6 +197,8 @@ def scored_pair(p: PreviewParams):
             _CACHE[key] = scored
             while len(_CACHE) > CACHE_PAIRS:
                 _CACHE.popitem(last=False)
+    finally:
+        _SCORE_LOCK.release()
     return scored, False
 
 
@@ -287,21 +322,54 @@ async def _read_params(request) -> PreviewParams:
     return parse_params(dict(query), from_query=True)
 
 
+def relative_names(message: str, p=None) -> str:
+    """``message`` with every absolute path of a LoRA file replaced by its name as ComfyUI lists it
+    (relative to its loras folder): the route answers clients, who need not see the server's folders."""
+    import folder_paths
+
+    if p is not None:
+        for name in (p.subject, p.style):
+            path = folder_paths.get_full_path("loras", name)
+            if path:
+                message = message.replace(path, name)
+    for folder in sorted(folder_paths.get_folder_paths("loras"), key=len, reverse=True):
+        for spelling in {folder, os.path.abspath(folder), os.path.realpath(folder)}:
+            message = message.replace(spelling.rstrip(os.sep) + os.sep, "")
+    return message
+
+
+def _busy_response(web):
+    return web.json_response(
+        {"error": {"type": "busy", "message": "the preview is scoring another pair of LoRA files; retry shortly"}},
+        status=503, headers={"Retry-After": str(RETRY_AFTER_S), "Cache-Control": "no-store"})
+
+
 async def _respond(request, render):
     from aiohttp import web
 
+    global _WAITING
     loop = asyncio.get_running_loop()
+    params = None
     try:
         params = await _read_params(request)
-        result = await loop.run_in_executor(None, render, params)
+        if _WAITING >= MAX_WAITING:
+            return _busy_response(web)
+        _WAITING += 1
+        try:
+            result = await loop.run_in_executor(_executor(), render, params)
+        finally:
+            _WAITING -= 1
+    except PreviewBusy:
+        return _busy_response(web)
     except PreviewRequestError as exc:
         return web.json_response(exc.payload(), status=exc.status)
     except KLoRAError as exc:
-        return web.json_response({"error": {"type": "cannot_fuse", "message": str(exc)}}, status=422)
+        return web.json_response({"error": {"type": "cannot_fuse", "message": relative_names(str(exc), params)}},
+                                 status=422)
     except Exception as exc:  # never let the frontend see an HTML 500 page
         logger.exception("K-LoRA preview failed")
-        return web.json_response({"error": {"type": "internal", "message": f"{type(exc).__name__}: {exc}"}},
-                                 status=500)
+        message = relative_names(f"{type(exc).__name__}: {exc}", params)
+        return web.json_response({"error": {"type": "internal", "message": message}}, status=500)
     headers = {"Cache-Control": "no-store"}
     if isinstance(result, bytes):
         return web.Response(body=result, content_type="image/png", headers=headers)

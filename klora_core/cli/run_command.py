@@ -211,8 +211,8 @@ def _render(args, server: ComfyUIServer, names: dict, out_dir: Path, events, say
         report = _report_text(entry)
         if args.grid:
             stem = f"alpha{short_number(a)}_beta{short_number(b)}_seed{seed}"
-            cells[(seed, a, b)] = _save_first(server, entry, IDS["save"], out_dir / "grid" / f"{stem}.png")
-            _save_first(server, entry, IDS["map"], out_dir / "grid" / f"map_{stem}.png")
+            cells[(seed, a, b)] = (_save_first(server, entry, IDS["save"], out_dir / "grid" / f"{stem}.png"),
+                                   _save_first(server, entry, IDS["map"], out_dir / "grid" / f"map_{stem}.png"))
             if seed == args.seeds[0]:
                 reports.append(f"== alpha {short_number(a)}, beta {short_number(b)} ==\n{report}")
         else:
@@ -223,7 +223,7 @@ def _render(args, server: ComfyUIServer, names: dict, out_dir: Path, events, say
     if args.grid:
         written.append(out_dir / "grid")
         for seed in args.seeds:
-            title = (f"K-LoRA, pattern {args.pattern}, seed {seed}, {args.steps} steps: rows alpha, columns beta")
+            title = f"K-LoRA, pattern {args.pattern}, seed {seed}, {args.steps} steps: rows alpha, columns beta"
             sheet = contact_sheet({(a, b): cells[(seed, a, b)] for a in alphas for b in betas}, alphas, betas,
                                   title, out_dir / f"grid_seed{seed}.png")
             written.append(sheet)
