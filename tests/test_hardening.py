@@ -181,3 +181,26 @@ def test_view_stays_fast_while_slow_previews_queue(live):
             break
         time.sleep(1)
     assert status == 200 and json.loads(body)["counts"]["weights"] == 8, body
+
+
+# --------------------------------------------------------------------------- 4. ComfyUI's validation errors
+
+def test_a_partly_valid_prompt_is_rejected_in_one_line(live):
+    """ComfyUI queues a graph when one of its outputs is valid and lists the rest in ``node_errors`` of a
+    200 answer: ``run --sampler eulr`` used to print "seed 0 done", then "ComfyUI saved no image for node
+    12".  The client now reports node, input, value and the allowed values (read from /object_info when
+    ComfyUI leaves a list over 20 entries out), on one line."""
+    from support.server_harness import PromptRejected
+
+    from klora_core.cli.run_graphs import IDS
+
+    graph = _graph(live, 4242, {("sampler", "sampler_name"): "eulr"})
+    allowed = live.object_info["KSampler"]["input"]["required"]["sampler_name"][0]
+    with pytest.raises(PromptRejected) as info:
+        live.server.post_prompt(graph)
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"KSampler (node {IDS['sampler']}) input sampler_name = 'eulr': Value not in list" in message, message
+    assert "allowed: " + ", ".join(allowed[:5]) in message, message
+    assert len(allowed) > 20 and allowed[-1] in message, message
+    assert IDS["sampler"] in info.value.node_errors
