@@ -59,6 +59,8 @@ logger = logging.getLogger(__name__)
 
 ROUTE_JSON = "/klora/preview"
 ROUTE_PNG = "/klora/preview.png"
+#: The option values the frontend extension needs (klora_core/options.py), so web/klora.js never re-types them.
+ROUTE_OPTIONS = "/klora/options"
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -384,6 +386,25 @@ async def preview_png_handler(request):
     return await _respond(request, preview_png)
 
 
+def options_payload() -> dict:
+    """What web/klora.js reads once: each pattern's paper beta (it switches beta with the pattern) and
+    the ranges of beta and map_steps."""
+    from ..klora_core import options
+
+    return {
+        "version": 1,
+        "pattern_beta": {pattern: options.pattern_beta(pattern) for pattern in options.PATTERNS},
+        "beta": {"min": options.BETA.lo, "max": options.BETA.hi, "default": options.BETA.default},
+        "map_steps": {"min": options.STEPS.lo, "max": options.STEPS.hi, "default": options.STEPS.default},
+    }
+
+
+async def options_handler(request):
+    from aiohttp import web
+
+    return web.json_response(options_payload(), headers={"Cache-Control": "no-store"})
+
+
 def register(prompt_server=None) -> bool:
     """Add the routes to ComfyUI's PromptServer; False (and nothing done) when there is none."""
     if prompt_server is None:
@@ -397,6 +418,7 @@ def register(prompt_server=None) -> bool:
     for path, handler in ((ROUTE_JSON, preview_json_handler), (ROUTE_PNG, preview_png_handler)):
         routes.get(path)(handler)
         routes.post(path)(handler)
+    routes.get(ROUTE_OPTIONS)(options_handler)
     logger.debug("K-LoRA: preview routes %s and %s registered", ROUTE_JSON, ROUTE_PNG)
     return True
 
