@@ -50,8 +50,8 @@ def run_cli(*args, cwd):
 
 # --- independent reference -------------------------------------------------------------
 
-def spec_selection(pairs, steps, alpha, beta, pattern):
-    """``{name: "SSTT..."}`` from the spec's formula.
+def spec_scores(pairs):
+    """``({name: [T_S, T_T, L1_S, L1_T]}, gamma)`` from the spec's formulas, in float64.
 
     ``pairs``: ``{name: ((up_S, down_S, scale_S), (up_T, down_T, scale_T))}``.
     """
@@ -67,7 +67,15 @@ def spec_selection(pairs, steps, alpha, beta, pattern):
     ratios = [l1s / l1t for _, _, l1s, l1t in stats.values()]
     first = sum(ratios) / len(ratios)
     kept = [r for r in ratios if r < 3 * first]
-    gamma = sum(kept) / len(kept)
+    return stats, sum(kept) / len(kept)
+
+
+def spec_selection(pairs, steps, alpha, beta, pattern):
+    """``{name: "SSTT..."}`` from the spec's formula.
+
+    ``pairs``: ``{name: ((up_S, down_S, scale_S), (up_T, down_T, scale_T))}``.
+    """
+    stats, gamma = spec_scores(pairs)
     out = {}
     for name, (ts, tt, _, _) in stats.items():
         marks = []
