@@ -37,7 +37,7 @@ const BUSY_RETRY_MS = 700; // the route answers 503 "busy" while it scores anoth
 const MAP_MIN_PX = 110;
 const MAP_MAX_PX = 260;
 const TEXT_PX = 60; // legend, hover line and two caption lines
-const REPORT_MAX_PX = 170;
+const REPORT_MAX_PX = 240; // the whole report of a typical run, without scrolling
 const LOG = "[K-LoRA preview]";
 
 // Per-node state, kept outside the node object (nothing is added to LiteGraph's objects but the widget

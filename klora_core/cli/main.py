@@ -51,8 +51,9 @@ examples:
   %(prog)s dog.safetensors ink.safetensors --pattern 's*' --out ink_map.png
 
 Without SUBJECT and STYLE the seeded demo pair (demo_subject.safetensors,
-demo_style.safetensors; small SD1.5-like attention layout) is written next to
---out and used.  Only .safetensors files are read (kohya, diffusers and PEFT
+demo_style.safetensors: the 24 attention projections of the demo SD1.5-shaped
+UNet, the pair `bash scripts/demo.sh` renders with) is written next to --out
+and used.  Only .safetensors files are read (kohya, diffusers and PEFT
 key names; the same layer named by different conventions is paired).
 Pickle-based .pt/.ckpt/.bin files are refused: convert them first.
 Exit status: 0 ok, 1 unusable input (one line on stderr), 2 bad usage."""
@@ -171,7 +172,8 @@ def _add_pair_arguments(m: argparse.ArgumentParser) -> None:
     m.add_argument("--out", default="selection_map.png", metavar="PNG", help="where to write the map (default selection_map.png)")
     m.add_argument("--table", action="store_true", help="print the per-weight table (scores and S/T per step) to stdout")
     m.add_argument("--title", default=None, help="first title line of the map")
-    m.add_argument("--seed", type=int, default=None, help="seed of the generated demo pair (default 2025; demo only)")
+    m.add_argument("--seed", type=int, default=None,
+                   help="seed of the generated demo pair (default 2025, as scripts/demo.sh; demo only)")
     m.add_argument("-v", "--verbose", action="store_true", help="log what is read and paired to stderr")
 
 
