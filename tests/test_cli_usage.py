@@ -18,6 +18,7 @@ ComfyUI's sampler list read from its ``/object_info`` where a server runs).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -183,9 +184,16 @@ def test_demo_help_builds_nothing(tmp_path):
     env["KLORA_ENV_DIR"] = str(env_dir)
     for flag in ("--help", "-h"):
         started = time.monotonic()
-        proc = subprocess.run(["bash", "scripts/demo.sh", "--steps", "4", flag], cwd=str(REPO), env=env,
-                              capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 0, proc.stderr
-        assert "usage: python -m klora_core run" in proc.stdout and "--grid" in proc.stdout
+        # Its own process group: if it starts building after all, the whole build is stopped, not just bash.
+        proc = subprocess.Popen(["bash", "scripts/demo.sh", "--steps", "4", flag], cwd=str(REPO), env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            pytest.fail("demo.sh --help did not answer within 30 s (it was building the environment)")
+        assert proc.returncode == 0, err
+        assert "usage: python -m klora_core run" in out and "--grid" in out
         assert time.monotonic() - started < 20
         assert not env_dir.exists(), "demo.sh --help started building the environment"
