@@ -17,9 +17,10 @@ GRAY = (128, 128, 128)
 
 def _boxes(sheet, color):
     """Bounding box ``(x0, y0, x1, y1)`` of the pixels exactly ``color``, or None."""
-    mask = Image.new("1", sheet.size)
-    mask.putdata([1 if px == color else 0 for px in sheet.getdata()])
-    return mask.getbbox()
+    from PIL import ImageChops
+
+    difference = ImageChops.difference(sheet, Image.new("RGB", sheet.size, color)).convert("L")
+    return difference.point(lambda v: 255 if v == 0 else 0).getbbox()
 
 
 def test_every_cell_shows_its_map_beside_its_image(tmp_path):
