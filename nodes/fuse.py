@@ -149,7 +149,7 @@ def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: flo
     options.check_choice("scope", scope, SCOPES)
     options.check_choice("outside_scope", outside_scope, OUTSIDE_CHOICES)
     options.check_choice("progress_measure", progress_measure, MEASURES)
-    alpha, beta, pattern = options.check_schedule(alpha, options.BETA.default if beta is None else beta, pattern)
+    alpha, beta, pattern = options.check_schedule(alpha, beta, pattern)
 
     model_sd = model_patcher.model_state_dict()
     subject_patches, s_matched, s_unmatched = _parse(subject, model_patcher)
