@@ -107,6 +107,7 @@ def test_typos_are_not_prefix_matched():
     assert main.parse_arguments(parser, ["map", "--steps", "30"]).steps == 30
 
 
+@pytest.mark.comfyui  # reads the sampler names of the ComfyUI under test
 def test_unknown_sampler_fails_before_the_server_starts(tmp_path):
     root = comfy_env.find_comfy_root()
     started = time.monotonic()
@@ -121,6 +122,7 @@ def test_unknown_sampler_fails_before_the_server_starts(tmp_path):
     assert proc.returncode == 2 and "did you mean karras?" in one_error_line(proc)
 
 
+@pytest.mark.comfyui  # reads the sampler names of the ComfyUI under test
 def test_sampler_names_come_from_comfyui_and_defer_to_other_packs(tmp_path):
     """Read statically from comfy/samplers.py; with another custom node pack installed (it may add
     samplers at run time) the server's own validation decides instead."""
