@@ -92,6 +92,7 @@ def load(files, fmt):
     import nodes
 
     if fmt in GGUF_FORMATS:
+        gguf_pack.require()
         loader = gguf_pack.load_in_process()["UnetLoaderGGUF"]
         model = loader().load_unet(_gguf_file(files, fmt))[0]
         stored = getattr(getattr(comfy.utils.get_attr(model.model, PROBE), "tensor_type", None), "name", None)
@@ -243,3 +244,15 @@ def test_gguf_dense_deltas_use_the_dequantized_weight(klora_pack, files, tmp_pat
     for key, (ts, tt) in float_plan.scores.items():
         assert gguf_plan.scores[key] == pytest.approx((ts, tt), rel=1e-5), key
     assert gguf_plan.gamma == pytest.approx(float_plan.gamma, rel=1e-5)
+
+
+def test_gguf_switches_stay_in_the_patch_list_in_live_mode(klora_pack, files):
+    """ComfyUI-GGUF's layers ignore weight wrappers: even the weight-wrapper mode must patch GGUF weights
+    through the patch list (same result as the default mode)."""
+    from klora_pack.nodes.fuse import fuse_model
+
+    model = load(files, "Q8_0")
+    subject, style = handles(files)
+    live = fuse_model(model, subject, style, mode="live")
+    assert not live.model.weight_wrapper_patches
+    assert torch.equal(sample(live.model), sample(fuse_model(model, subject, style).model))
