@@ -4,8 +4,9 @@
   rows that do not split into 256-value blocks stay F16, as in real files), read by the REAL ComfyUI-GGUF
   pack (its UnetLoaderGGUF node; the pack is unpacked from the shared source tarball and loaded with
   ComfyUI's own ``nodes.load_custom_node``);
-- fp8 e4m3fn / e5m2 through ComfyUI's UNETLoader (its ``weight_dtype`` option), and ComfyUI's "scaled fp8"
-  layout through UNETLoader's default.
+- fp8 e4m3fn / e5m2 through ComfyUI's UNETLoader (its ``weight_dtype`` option), ComfyUI's "scaled fp8"
+  layout through UNETLoader's default, and float16 / bfloat16 weights through ComfyUI's stock loader with the
+  dtype ``--fp16-unet`` / ``--bf16-unet`` (or a GPU) gives (float32 is tests/test_fuse_exact.py's).
 
 The model is the SD1.5-detectable demo UNet (klora_core/cli/demo_models.py, 18.7 M parameters), because
 the stock loaders detect the model family from the file.  Each format is checked against independent
@@ -40,6 +41,7 @@ ATOL, RTOL = 2e-5, 1e-4
 GGUF_FORMATS = ("Q8_0", "Q4_0", "Q4_K")
 FP8_FORMATS = ("fp8_e4m3fn", "fp8_e5m2", "scaled_fp8")
 FP8_DTYPES = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # what --fp16-unet / --bf16-unet (or a GPU) load
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +100,12 @@ def load(files, fmt):
         stored = getattr(getattr(comfy.utils.get_attr(model.model, PROBE), "tensor_type", None), "name", None)
         assert stored == fmt, f"ComfyUI-GGUF holds {PROBE} as {stored}, not {fmt}"
         return model
+    if fmt in HALF_DTYPES:
+        import comfy.sd
+
+        model = comfy.sd.load_diffusion_model_state_dict(dict(files["sd"]), model_options={"dtype": HALF_DTYPES[fmt]})
+        assert comfy.utils.get_attr(model.model, PROBE).dtype == HALF_DTYPES[fmt]
+        return model
     model = nodes.UNETLoader().load_unet(_fp8_file(files, fmt), "default" if fmt == "scaled_fp8" else fmt)[0]
     weight = comfy.utils.get_attr(model.model, PROBE)  # fp8 (0.3.75) or a quantized tensor class (0.8.0)
     assert "float8" in str(weight.dtype) or "Quantized" in type(weight).__name__, (type(weight), weight.dtype)
@@ -105,7 +113,7 @@ def load(files, fmt):
 
 
 def reference_base(files, fmt):
-    """``(patcher, storage_dtypes)`` for the brute-force reference: a second load of the same fp8 file, or for
+    """``(patcher, storage_dtypes)`` for the brute-force reference: a second load of the same fp8/fp16 model, or for
     GGUF a float32 model (ComfyUI's stock loader) of the values ComfyUI-GGUF's layers compute with."""
     import comfy.sd
 
@@ -134,7 +142,7 @@ def sample(model):
         return tiny_models.sample_once(model, "sd15", steps=STEPS, cfg=2.0, seed=3)
 
 
-ALL_FORMATS = [pytest.param(f, id=f) for f in GGUF_FORMATS + FP8_FORMATS]
+ALL_FORMATS = [pytest.param(f, id=f) for f in GGUF_FORMATS + FP8_FORMATS + tuple(HALF_DTYPES)]
 
 
 @pytest.mark.parametrize("fmt", ALL_FORMATS)
@@ -181,7 +189,7 @@ def test_default_run_equals_host_rounded_brute_force(klora_pack, files, fmt):
         assert 0 < len(live) < len(ref.params) and result.run.rebaked > 0
         assert f"live: GGUF weights are patched at every forward by ComfyUI-GGUF ({len(live)} weights)" \
             in result.report
-    else:  # fp8: baked, re-baked at flips with ComfyUI's seeded stochastic rounding
+    else:  # fp8 / fp16 / bf16: baked, re-baked at flips, rounded as ComfyUI rounds (fp8: seeded, stochastic)
         assert not live and result.run.rebaked > 0
         assert "mode bake" in result.report
 
