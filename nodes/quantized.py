@@ -1,29 +1,16 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""Quantized model weights as K-LoRA sees them: GGUF (ComfyUI-GGUF) and fp8, feature-detected.
+"""Quantized model weights as K-LoRA sees them (GGUF via ComfyUI-GGUF; fp8), feature-detected.
 
-ComfyUI-GGUF (city96) loads a ``.gguf`` file into tensors of its own class
-whose storage is the packed quantized bytes (a Q8_0 weight of logical shape
-(320, 768) is stored as uint8 (320, 816)) and which carry two public
-attributes: ``tensor_type`` (the GGML quantization type, an enum with
-``.name`` such as ``"Q8_0"``) and ``tensor_shape`` (the logical shape).
-``ModelPatcher.model_state_dict()`` of such a model holds placeholders of the
-packed shape, so shapes must be read from the parameter itself.
-
-ComfyUI-GGUF never bakes a patch into a quantized weight: its patcher hangs
-the weight's patch list on the tensor, and its layers dequantize and apply
-those patches at every forward.  A K-LoRA switch in that list is therefore
-read live, and re-baking such a weight would do nothing.  ComfyUI-GGUF's
-layers also ignore ComfyUI's weight wrappers (``weight_function``), so a
-switch for a quantized GGUF weight must go into the patch list.
-
-fp8 weights (float8_e4m3fn / float8_e5m2, also "scaled fp8") are ordinary
-torch tensors of the logical shape; ComfyUI patches them in float32 and
-rounds back (``comfy.float.stochastic_rounding``, seeded per weight), so the
-normal bake path is exact for them and nothing here is needed.
-
-Everything is detected from the tensors (never from the pack's module or
-class names), so newer ComfyUI-GGUF versions keep working as long as those two
-attributes keep their meaning.
+ComfyUI-GGUF keeps a quantized weight as a tensor of its own class whose
+storage is the packed bytes (Q8_0 (320, 768) is uint8 (320, 816)) and which
+carries ``tensor_type`` (the GGML type, with ``.name``) and ``tensor_shape``
+(the logical shape).  ``model_state_dict()`` holds packed placeholders, so
+shapes are read from the parameter.  ComfyUI-GGUF dequantizes and patches such
+a weight at every forward (and ignores ComfyUI's weight wrappers there), so a
+K-LoRA switch in its patch list is read live and is never re-baked.  fp8 and
+scaled fp8 weights are ordinary tensors of their real shape, baked and rounded
+by ComfyUI itself: nothing here is needed for them.  Why and how it was
+verified: docs/quantized-models.md.
 """
 from __future__ import annotations
 

@@ -136,10 +136,16 @@ def handles(files, strengths=(1.0, 1.0)):
             make_handle("style", "style.safetensors", str(files["loras"] / "style.safetensors"), strengths[1]))
 
 
-def sample(model):
-    # ComfyUI runs every node under torch.inference_mode() (execution.py); its fp8 rounding needs it.
+@pytest.fixture(autouse=True)
+def inference_mode():
+    """ComfyUI runs every node (loaders, K-LoRA Fuse, samplers) under torch.inference_mode() (execution.py);
+    its fp8 rounding and ComfyUI 0.8.0's quantized layers need it."""
     with torch.inference_mode():
-        return tiny_models.sample_once(model, "sd15", steps=STEPS, cfg=2.0, seed=3)
+        yield
+
+
+def sample(model):
+    return tiny_models.sample_once(model, "sd15", steps=STEPS, cfg=2.0, seed=3)
 
 
 ALL_FORMATS = [pytest.param(f, id=f) for f in GGUF_FORMATS + FP8_FORMATS + tuple(HALF_DTYPES)]
