@@ -252,11 +252,12 @@ def main() -> int:
         long = 1800 if not args.quick else 180
         if args.only == "quantized":
             res["only"] = "quantized"
-            res["quantized"] = run_worker("quantized.py", quick, tmp / "e.json", long)
+            res["quantized"] = run_worker("quantized.py", quick, tmp / "e.json", 2 * long)
             return finish(res, quantized_table(res), out_dir, stem, t_start)
         res["scoring"] = run_worker("score_sdxl.py", quick, tmp / "b.json", long)
         res["sampling"] = run_worker("sampling.py", quick, tmp / "a.json", long)
-        res["quantized"] = run_worker("quantized.py", quick, tmp / "e.json", long)
+        # fp8 and GGUF casts/dequantizes every weight at every forward on a CPU: slower than part (a).
+        res["quantized"] = run_worker("quantized.py", quick, tmp / "e.json", 2 * long)
         rank = max(res["sampling"]["settings"]["ranks"])
         methods = ("klora", "merge") if args.quick else ("klora", "merge", "peer")
         mem = {"rank": rank}
