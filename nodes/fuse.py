@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import comfy.utils
 
 from ..klora_core import options, schedule
 from ..klora_core.errors import KLoRAError
 from ..klora_core.gamma import trimming
-from ..klora_core.weight_keys import display_key, is_attention_projection, weight_name
+from ..klora_core.weight_keys import display_key, weight_name
 from ..klora_core.plan import plan_from_scores, scores_at_strengths
 from .adapters import lora_factors
+from .attention_structure import attention_rule
+from .coverage import coverage_lines, sample_names, unswitched_attention
 from .handles import LoRAHandle
 from .comfy_key_map import load_lora_patches
 from .patching import MODE_BAKE, MODE_LIVE, MODES, FuseRun, install, make_switches
@@ -167,8 +169,10 @@ def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: flo
     shared = _model_order(model_sd, [k for k in subject_patches if k in style_patches])
     subject_only = _model_order(model_sd, [k for k in subject_patches if k not in style_patches])
     style_only = _model_order(model_sd, [k for k in style_patches if k not in subject_patches])
-    switched = [k for k in shared if scope == SCOPE_ALL or is_attention_projection(k)]
+    rule = attention_rule(model_patcher)
+    switched = [k for k in shared if scope == SCOPE_ALL or rule.is_projection(k)]
     outside = [k for k in shared if k not in set(switched)]
+    flagged = unswitched_attention(rule, outside)
 
     s_strength, t_strength = subject.strength, style.strength
     same_file = subject.sha256 == style.sha256
@@ -193,6 +197,7 @@ def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: flo
                                     alpha, beta, pattern)
         except KLoRAError as exc:
             raise KLoRAError(f"{subject.label()} + {style.label()}: {exc}") from None
+        plan = replace(plan, unswitched=tuple(display_key(k) for k in flagged))
 
     fused, auto_mode = choose_patcher_and_mode(model_patcher.clone())
     mode = mode or auto_mode
@@ -216,6 +221,7 @@ def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: flo
     if merged:
         notes.append(f"{len(merged)} weights are covered by both files in different layouts (e.g. a fused qkv "
                      "and separate q/k/v): each is switched as one whole weight")
+    notes[:0] = coverage_lines(rule, scope, switched, flagged, outside_scope, subject_only, style_only)
     if same_file:
         notes.append("subject and style are the same file: both deltas are identical, so the result equals one "
                      "LoRA whose strength follows the schedule")
@@ -225,6 +231,7 @@ def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: flo
         "style_matched": t_matched, "style_unmatched": t_unmatched,
         "switched": len(switched), "outside": len(outside),
         "subject_only": len(subject_only), "style_only": len(style_only),
+        "unswitched_attention": len(flagged),
     }
     if run is not None:
         notes.insert(0, _mode_line(run, {weight_name(k) for k in switched}))
@@ -266,8 +273,6 @@ def _report(model_patcher, subject, style, plan, stats, switched, outside, outsi
                      f"{len(switched) - n_first} style; last step {n_last} subject / {len(switched) - n_last} style")
     lines.append(f"{len(outside)} shared weights outside the scope: applied {outside_scope}")
     for label, keys in (("only the subject covers", subject_only), ("only the style covers", style_only)):
-        sample = ", ".join(display_key(k) for k in keys[:3])
-        more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
-        lines.append(f"{len(keys)} weights {label} (applied as a plain LoRA)" + (f": {sample}{more}" if keys else ""))
+        lines.append(f"{len(keys)} weights {label} (applied as a plain LoRA)" + (f": {sample_names(keys)}" if keys else ""))
     lines.extend(notes)
     return "\n".join(lines)

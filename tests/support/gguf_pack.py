@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 from support import comfy_env
+from klora_core.cli.comfy.server import env_dir  # noqa: E402  (comfy_env puts the repository on sys.path)
 
 TARBALL_NAME = "ComfyUI-GGUF-795e451-src.tar.gz"
 TARBALL_SHA256 = "5793b0b7e4d19e6f8e2a4516bfd127e7d3ccc7bac29ea1fed623cbad2e3e6a07"
@@ -88,7 +89,7 @@ def unpacked() -> Path:
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
     if digest != TARBALL_SHA256:
         raise RuntimeError(f"{src}: sha256 {digest} is not the expected {TARBALL_SHA256}")
-    root = comfy_env.env_dir() / f"custom_nodes-gguf-{digest[:12]}"
+    root = env_dir() / f"custom_nodes-gguf-{digest[:12]}"
     pack = root / PACK_DIR
     if (pack / "__init__.py").is_file():
         return pack
