@@ -236,14 +236,15 @@ class Graph:
         return prompt
 
 
-FUSE_SIZE = [400, 700]  # room for the live preview and, after a run, the map image
+FUSE_SIZE = [400, 470]  # the widgets and the live preview; after a run web/klora.js grows it for the report
 LOADER_SIZE = [320, 130]
 
 NOTE_COMMON = (
     "K-LoRA picks ONE of the two LoRA deltas for every attention weight at every step: "
     "the subject's where T_S / gamma > T_T * scale(p), else the style's. The live map on "
     "'K-LoRA Fuse' (blue = subject, orange = style) follows alpha, beta, pattern and the loaders "
-    "as you edit; after a run the node shows the same map for the real run.\n\n"
+    "as you edit, and map_steps follows the KSampler's steps; after a run the node shows the report and the "
+    "same map for the real run.\n\n"
 )
 
 PROMPT = "a sks dog in watercolor painting style"
@@ -284,11 +285,11 @@ def add_prompt(g: Graph, clip, y: int, title: str) -> int:
 
 
 def checkpoint_front(g: Graph, ckpt_name: str, family: str, map_steps: int, negative: str) -> tuple:
-    """The SD1.5/SDXL layout: checkpoint -> LoRA loaders -> K-LoRA Fuse (pattern s, beta -1) and the
+    """The SD1.5/SDXL layout: checkpoint -> LoRA loaders -> K-LoRA Fuse (pattern s, beta 0.5) and the
     positive and negative prompts.  Returns the node ids ``(ckpt, fuse, positive, negative)``."""
     ckpt = g.add("CheckpointLoaderSimple", [0, 40], [320, 100], {"ckpt_name": ckpt_name})
     subject, style = add_lora_loaders(g, family, (ckpt, 1), 200, 380)
-    fuse = add_fuse(g, (ckpt, 0), subject, style, "s", -1.0, map_steps)
+    fuse = add_fuse(g, (ckpt, 0), subject, style, "s", 0.5, map_steps)
     pos = add_prompt(g, (style, 1), 560, "Positive prompt")
     neg = g.add("CLIPTextEncode", [0, 730], [380, 100], {"text": negative}, {"clip": (style, 1)},
                 title="Negative prompt", color=NEGATIVE_COLOR)
@@ -297,7 +298,8 @@ def checkpoint_front(g: Graph, ckpt_name: str, family: str, map_steps: int, nega
 
 def add_empty_latent(g: Graph, node_type: str, size: int) -> int:
     """An empty ``size`` x ``size`` pixel latent, batch 1 (``EmptyLatentImage`` or ``EmptySD3LatentImage``)."""
-    return g.add(node_type, [380, 800], [300, 110], {"width": size, "height": size, "batch_size": 1})
+    # Below K-LoRA Fuse, which web/klora.js grows after a run (report and map image).
+    return g.add(node_type, [380, 960], [300, 110], {"width": size, "height": size, "batch_size": 1})
 
 
 def add_sampling(g: Graph, fuse: int, positive, negative, latent, vae, steps: int, cfg: float, scheduler: str,
@@ -327,8 +329,8 @@ def sdxl() -> Graph:
         "watercolor painting style': 'sks' is the subject LoRA's DreamBooth token, 'watercolor painting "
         "style' the style LoRA's trigger words. Replace both with YOUR LoRAs' trigger words.\n\n"
         + NOTE_COMMON +
-        "Defaults as in the paper: pattern s, alpha 1.5, beta -1 (= 0.5), attention projections, "
-        "50 steps (set map_steps to your step count). Higher beta or alpha favours the style."
+        "Defaults as in the paper: pattern s, alpha 1.5, beta 0.5, attention projections, "
+        "50 steps. Higher beta or alpha favours the style."
     ))
     ckpt, fuse, pos, neg = checkpoint_front(g, "sd_xl_base_1.0.safetensors", "sdxl", 50, "")
     latent = add_empty_latent(g, "EmptyLatentImage", 1024)
@@ -378,7 +380,7 @@ def sd15() -> Graph:
         "Prompt: 'a sks dog in watercolor painting style': 'sks dog' is the subject LoRA's trigger word "
         "and class, 'watercolor painting style' the style LoRA's trigger words; use your LoRAs' own.\n\n"
         + NOTE_COMMON +
-        "Pattern s, alpha 1.5, beta -1 (= 0.5), 30 steps (map_steps = 30)."
+        "Pattern s, alpha 1.5, beta 0.5, 30 steps."
     ))
     ckpt, fuse, pos, neg = checkpoint_front(g, "v1-5-pruned-emaonly-fp16.safetensors", "sd15", 30,
                                             "blurry, low quality")
@@ -405,11 +407,11 @@ def img2img() -> Graph:
     ))
     ckpt, fuse, pos, neg = checkpoint_front(g, "v1-5-pruned-emaonly-fp16.safetensors", "sd15", 30,
                                             "blurry, low quality")
-    image = g.add("LoadImage", [380, 800], [300, 320], {"image": "example.png"})
-    scaled = g.add("ImageScale", [380, 1160], [300, 130],
+    image = g.add("LoadImage", [380, 960], [300, 320], {"image": "example.png"})
+    scaled = g.add("ImageScale", [380, 1320], [300, 130],
                    {"upscale_method": "bicubic", "width": 512, "height": 512, "crop": "center"},
                    {"image": (image, 0)})
-    encode = g.add("VAEEncode", [820, 880], [220, 50], links={"pixels": (scaled, 0), "vae": (ckpt, 2)})
+    encode = g.add("VAEEncode", [820, 960], [220, 50], links={"pixels": (scaled, 0), "vae": (ckpt, 2)})
     add_sampling(g, fuse, (pos, 0), (neg, 0), (encode, 0), (ckpt, 2), 30, 7.5, "normal", 0.6, "klora/img2img")
     return g
 
@@ -417,7 +419,7 @@ def img2img() -> Graph:
 def diffusion_model_front(g: Graph, family: str, title: str, files: tuple, clip_type: str, sampling: tuple,
                           map_steps: int, trained_for: str, remark: str) -> tuple:
     """The layout of a diffusion-model family: note, UNETLoader -> ModelSampling* (shift) -> K-LoRA Fuse
-    (pattern s, beta -1), CLIPLoader -> the two LoRA loaders -> the prompt.  ``files``: (diffusion model,
+    (pattern s, beta 0.5), CLIPLoader -> the two LoRA loaders -> the prompt.  ``files``: (diffusion model,
     text encoder, VAE, a remark on the model file) ; ``sampling``: (node type, shift); ``trained_for``: the
     model the LoRAs need.  Returns ``(fuse, positive, style loader, vae)``."""
     unet_name, clip_name, vae_name, unet_remark = files
@@ -433,7 +435,7 @@ def diffusion_model_front(g: Graph, family: str, title: str, files: tuple, clip_
     vae = g.add("VAELoader", [0, 320], [320, 60], {"vae_name": vae_name})
     shifted = g.add(sampling[0], [0, 420], [320, 60], {"shift": sampling[1]}, {"model": (unet, 0)})
     subject, style = add_lora_loaders(g, family, (clip, 0), 520, 690)
-    fuse = add_fuse(g, (shifted, 0), subject, style, "s", -1.0, map_steps)
+    fuse = add_fuse(g, (shifted, 0), subject, style, "s", 0.5, map_steps)
     pos = add_prompt(g, (style, 1), 880, "Prompt")
     return fuse, pos, style, vae
 
@@ -450,7 +452,7 @@ NOTE_FAMILY = (
     + NOTE_COMMON +
     "LoRA files from musubi-tuner, diffusion-pipe, ai-toolkit, diffusers/PEFT or OneTrainer all load "
     "(docs/families.md); subject and style may come from different trainers. Pattern s, alpha 1.5, "
-    "beta -1 (= 0.5): set map_steps to your step count."
+    "beta 0.5."
 )
 
 
@@ -490,7 +492,7 @@ def z_image() -> Graph:
         g, "z_image", "Z-Image (Turbo)",
         ("z_image_turbo_bf16.safetensors", "qwen_3_4b.safetensors", "ae.safetensors", ""), "lumina2",
         ("ModelSamplingAuraFlow", 3.0), 9, "Z-Image",
-        "Turbo samples in 9 steps at cfg 1 (map_steps 9); K-LoRA switches every attention qkv and out "
+        "Turbo samples in 9 steps at cfg 1; K-LoRA switches every attention qkv and out "
         "projection, the refiners' included. The VAE is FLUX.1's ae.safetensors.")
     negative = g.add("ConditioningZeroOut", [0, 1050], [240, 30], links={"conditioning": (pos, 0)})
     latent = add_empty_latent(g, "EmptySD3LatentImage", 1024)

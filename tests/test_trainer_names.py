@@ -289,7 +289,7 @@ def test_a_k_delta_as_wide_as_q_on_grouped_query_lumina2_names_the_real_reason(k
         fuse_model(model, _handle(tmp_path, "subject", sd_s), _handle(tmp_path, "style", sd_t))
     message = str(err.value)
     assert "layers.0.attention.qkv.weight[0:64:+32]" in message and "delta 64x64" in message, message
-    assert "rows 64..96 (32x64) of the model weight (128, 64)" in message, message
+    assert "rows 64..96 (32x64) of the model weight of shape (128, 64)" in message, message
 
 
 def test_report_counts_unmatched_tensors_of_any_naming(klora_pack, tmp_path):
