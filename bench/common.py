@@ -94,9 +94,18 @@ def setup_comfy(cpu: bool = True):
     return root, comfy_env
 
 
-def start_worker(quick: bool, cpu: bool = True):
-    """What every benchmark process does first: settings, one torch thread, no denormals, ComfyUI (CPU unless
-    ``cpu=False``).
+def worker_args():
+    """The command line every worker takes: ``--json OUT.json [--quick]``."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--quick", action="store_true")
+    return ap.parse_args()
+
+
+def start_worker(quick: bool):
+    """What every benchmark process does first: settings, one torch thread, no denormals, ComfyUI (CPU).
 
     Returns ``(settings, comfy_env)``; comfy.sd and comfy.utils are imported.
     """
@@ -105,7 +114,7 @@ def start_worker(quick: bool, cpu: bool = True):
     import torch
 
     torch.set_flush_denormal(True)
-    _, comfy_env = setup_comfy(cpu)
+    _, comfy_env = setup_comfy()
     import comfy.sd  # noqa: F401
     import comfy.utils  # noqa: F401
 

@@ -31,6 +31,7 @@ import re
 from typing import Iterable, Mapping, Union
 
 from .errors import KLoRAError
+from .name_aliases import comfy_spelling
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ _PREFIXES = (
     ("model.diffusion_model.", ""),
     ("diffusion_model.", ""),
     ("lora_unet_", ""),
+    ("lora_prior_unet_", ""),
     ("lora_transformer_", ""),
     ("unet.", ""),
     ("transformer.", ""),
@@ -77,15 +79,6 @@ _LDM_INPUT = re.compile(r"^input_blocks_(?P<n>\d+)_1_" + _LDM_INNER + "$")
 _LDM_MIDDLE = re.compile(r"^middle_block_1_" + _LDM_INNER + "$")
 _LDM_OUTPUT = re.compile(r"^output_blocks_(?P<n>\d+)_1_" + _LDM_INNER + "$")
 
-_ATTENTION = re.compile(
-    r"(?:^|_)(?:attn\d?|attention|self_attn|img_attn|txt_attn)_"
-    r"(?:to_q|to_k|to_v|to_out_0|to_out|add_q_proj|add_k_proj|add_v_proj|to_add_out|"
-    r"q_proj|k_proj|v_proj|o_proj|out_proj|qkv|qkv_proj|to_qkv|to_kv|proj)$"
-    # FLUX single-stream blocks fuse q/k/v (+ MLP in) into linear1 and out (+ MLP out) into
-    # linear2; like klora_core.weight_keys, count them as attention projections.
-    r"|^single_blocks_\d+_linear[12]$"
-)
-
 PathLike = Union[str, os.PathLike]
 
 
@@ -98,14 +91,18 @@ def canonical_module_name(name: str) -> str:
     level (``to_out`` there becomes ``to_out_0``), write every ``.`` as ``_``,
     and rename the attention blocks of an LDM-named UNet (``input_blocks_4_1_``,
     ``middle_block_1_``, ``output_blocks_0_1_`` as kohya's SDXL trainer writes)
-    to their diffusers names (``down_blocks_1_attentions_0_`` ...).
+    to their diffusers names (``down_blocks_1_attentions_0_`` ...).  Diffusers-port
+    names of DiT families that differ from ComfyUI's only by name (Wan's
+    ``blocks_0_attn1_to_q`` = ``blocks_0_self_attn_q``, ...) take ComfyUI's spelling
+    (:mod:`klora_core.name_aliases`).
 
     Limits: the LDM renaming assumes two res blocks per UNet level (SD1.x,
     SD2.x, SDXL) and covers only attention blocks (res blocks, up/down
     samplers and conv_in/out keep LDM names, so they pair only with files
-    that use the same names).  FLUX files in the BFL layout (``double_blocks``,
-    fused ``qkv``) cannot pair with diffusers-layout FLUX files (separate
-    ``to_q``/``to_k``/``to_v``).  Text-encoder naming is normalised by prefix only.
+    that use the same names).  Files in ComfyUI's layout with fused weights
+    (FLUX/Chroma/HunyuanVideo ``double_blocks``, SD3.5, PixArt, Lumina 2 and
+    Z-Image ``qkv``) cannot pair with diffusers-port files that split them
+    (separate ``to_q``/``to_k``/``to_v``).  Text-encoder naming is normalised by prefix only.
     """
     out = name
     changed = True
@@ -121,6 +118,8 @@ def canonical_module_name(name: str) -> str:
         if out.endswith(".to_out"):
             out += ".0"
     out = out.replace(".", "_")
+    if not out.startswith(("te1_", "te2_")):
+        out = comfy_spelling(out)
     m = _LDM_INPUT.match(out)
     if m:
         n = int(m["n"]) - 1
@@ -134,17 +133,6 @@ def canonical_module_name(name: str) -> str:
         n = int(m["n"])
         return f"up_blocks_{n // 3}_attentions_{n % 3}_{m['rest']}"
     return out
-
-
-def is_attention_module(name: str) -> bool:
-    """True for attention projections (q, k, v, out) of the diffusion model.
-
-    ``name`` is a canonical name (see :func:`canonical_module_name`); text
-    encoder modules (``te1_``/``te2_``) are never attention modules here.
-    """
-    if name.startswith(("te1_", "te2_")):
-        return False
-    return _ATTENTION.search(name) is not None
 
 
 def _classify(key: str):

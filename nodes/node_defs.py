@@ -129,8 +129,10 @@ class KLoRAFuse:
                                "later in sampling; 0 removes the time dependence."}),
                 "beta": ("FLOAT", {
                     "default": BETA.default, "min": BETA.lo, "max": BETA.hi, "step": BETA.step,
-                    "tooltip": "Offset of the style factor. -1 = the pattern's paper default (0.5 for s, 1.275 "
-                               "for s*). Higher favours the style. alpha = beta = 0 selects the subject everywhere."}),
+                    "tooltip": "Offset of the style factor. Higher favours the style. Paper values: 0.5 for s, "
+                               "1.275 for s* (the pack's frontend switches between them with the pattern). "
+                               "A negative value (0.1.0 workflows: -1) means the pattern's paper value. "
+                               "alpha = beta = 0 selects the subject everywhere."}),
                 "scope": (list(SCOPES), {
                     "default": SCOPE_ATTENTION,
                     "tooltip": "Which weights K-LoRA switches: the attention projections (q, k, v, out) as in "
@@ -148,8 +150,9 @@ class KLoRAFuse:
             "optional": {
                 "map_steps": ("INT", {
                     "default": STEPS.default, "min": STEPS.lo, "max": STEPS.hi,
-                    "tooltip": "Columns of the selection map (set it to your sampler's steps). Only the picture "
-                               "uses it; sampling follows the sampler's real progress."}),
+                    "tooltip": "Columns of the selection map. The pack's frontend keeps it at the steps of the "
+                               "KSampler this node feeds; set it to override. Only the picture uses it; sampling "
+                               "follows the sampler's real progress."}),
                 "mode": (list(options.MODE_CHOICES), {
                     "default": options.MODE_AUTO, "advanced": True,
                     "tooltip": "How the chosen LoRA reaches each weight. auto: bake on ComfyUI's classic patcher, "

@@ -140,7 +140,7 @@ def test_object_info_lists_the_nodes(server):
     assert [req[k][0] for k in ("model", "subject", "style")] == ["MODEL", "KLORA_SUBJECT", "KLORA_STYLE"]
     assert req["pattern"][0] == ["s", "s*"]
     assert req["alpha"][0] == "FLOAT" and req["alpha"][1]["default"] == 1.5
-    assert req["beta"][0] == "FLOAT" and req["beta"][1]["default"] == -1.0
+    assert req["beta"][0] == "FLOAT" and req["beta"][1]["default"] == 0.5  # s's paper value (0.1.0: -1)
     assert req["scope"][0] == ["attention projections", "all shared weights"]
     assert req["outside_scope"][0] == ["both", "subject", "style", "none"]
     assert req["progress_measure"][0] == ["noise level", "step count"]
