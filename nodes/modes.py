@@ -35,16 +35,16 @@ logger = logging.getLogger(__name__)
 #: is freed with the source.
 DELEGATE_ATTR = "_klora_non_dynamic_delegate"
 
-WHY_CLASSIC = "ComfyUI's classic patcher: weights are re-baked when a choice flips (no per-forward cost)"
-WHY_DYNAMIC_BYPASS = ("dynamic VRAM: weights stay untouched and the chosen LoRA is added at forward time "
-                      "(no reload, no second copy of the model)")
+#: Why a mode was chosen, for the report's mode line (fuse._mode_line says what the mode does).
+WHY_CLASSIC = "auto: ComfyUI's classic patcher, nothing to do on steps without a flip"
+WHY_DYNAMIC_BYPASS = "auto: dynamic VRAM; no reload, no second copy of the model"
 WHY_FORCED = "chosen by the mode input"
 
 
 @dataclass
 class ModeChoice:
     """``patcher``: a fresh clone the fused model is built on; ``mode``: bake, bypass or live;
-    ``reason``: one line for the report; ``forms``: bypass forward forms (bypass only)."""
+    ``reason``: why, for the report; ``forms``: bypass forward forms (bypass only)."""
 
     patcher: object
     mode: str
@@ -103,23 +103,21 @@ def _bypass_forms(source, units, subject_patches, style_patches, subject, style)
 
 def _forced(source, requested, dynamic, units, subject_patches, style_patches, subject, style) -> ModeChoice:
     if requested == MODE_LIVE:
-        return ModeChoice(source.clone(), MODE_LIVE, WHY_FORCED + ": the chosen delta is added to each weight at "
-                                                                  "every forward")
+        return ModeChoice(source.clone(), MODE_LIVE, WHY_FORCED)
     if requested == MODE_BYPASS:
         forms, why = _bypass_forms(source, units, subject_patches, style_patches, subject, style)
         if forms is None:
             raise KLoRAError(f"mode 'bypass' needs a low-rank LoRA on every switched weight, but {why}; "
                              "choose mode 'auto' or 'bake'")
-        return ModeChoice(source.clone(), MODE_BYPASS, WHY_FORCED + ": the chosen LoRA is added at forward time",
-                          forms)
+        return ModeChoice(source.clone(), MODE_BYPASS, WHY_FORCED, forms)
     if not dynamic:
-        return ModeChoice(source.clone(), MODE_BAKE, WHY_FORCED + ": " + WHY_CLASSIC)
+        return ModeChoice(source.clone(), MODE_BAKE, WHY_FORCED)
     delegate, why = non_dynamic_delegate(source)
     if delegate is None:
         raise KLoRAError(f"mode 'bake' on a dynamic VRAM model needs ComfyUI's non-dynamic copy of it, which is "
                          f"unavailable ({why}); choose mode 'auto' or 'bypass'")
-    return ModeChoice(delegate.clone(), MODE_BAKE, WHY_FORCED + ": baked on ComfyUI's non-dynamic copy of the "
-                                                                "dynamic VRAM model")
+    return ModeChoice(delegate.clone(), MODE_BAKE, WHY_FORCED + "; on ComfyUI's non-dynamic copy of the dynamic VRAM "
+                                                                "model")
 
 
 def choose_mode(source, requested, units, subject_patches: dict, style_patches: dict, subject, style) -> ModeChoice:
@@ -139,8 +137,8 @@ def choose_mode(source, requested, units, subject_patches: dict, style_patches: 
     delegate, why = non_dynamic_delegate(source)
     if delegate is not None:
         return ModeChoice(delegate.clone(), MODE_BAKE,
-                          f"dynamic VRAM, but {blocker} (no low-rank forward form): baked on ComfyUI's non-dynamic "
-                          "copy of the model (made once per model, then reused)")
+                          f"auto: dynamic VRAM, but {blocker} (no low-rank forward form); on ComfyUI's non-dynamic "
+                          "copy of the model, made once per model and reused")
     return ModeChoice(source.clone(), MODE_LIVE,
-                      f"dynamic VRAM, {blocker} (no low-rank forward form) and no non-dynamic copy ({why}): the "
-                      "chosen delta is added to each weight at every forward (exact, slower)")
+                      f"auto: dynamic VRAM, {blocker} (no low-rank forward form) and no non-dynamic copy ({why}); "
+                      "exact but slower")

@@ -270,3 +270,23 @@ def test_gguf_switches_stay_in_the_patch_list_in_live_mode(klora_pack, files):
     live = fuse_model(model, subject, style, mode="live")
     assert not live.model.weight_wrapper_patches
     assert torch.equal(sample(live.model), sample(fuse_model(model, subject, style).model))
+
+
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_0"])
+def test_bypass_on_gguf_equals_brute_force(klora_pack, files, fmt):
+    """Bypass mode on a GGUF model: ComfyUI-GGUF dequantizes as always, the hooks add the chosen LoRA after it
+    (nothing in the patch list, nothing patched live by the host); same reference as the default run."""
+    import comfy.samplers
+    from klora_pack.nodes.fuse import fuse_model
+
+    model = load(files, fmt)
+    before = sample(model)
+    result = fuse_model(model, *handles(files), mode="bypass")
+    assert result.run.mode == "bypass" and not result.run.host_live and not result.model.patches
+    ref_model, storage = reference_base(files, fmt)
+    sigmas = comfy.samplers.calculate_sigmas(ref_model.get_model_object("model_sampling"), "normal", STEPS)
+    ref = quantized_reference.HostRoundedBruteForce("sd15", SEED, *files["truth"], storage_dtypes=storage,
+                                                    patcher=ref_model, full_sigmas=sigmas)
+    torch.testing.assert_close(sample(result.model), sample(ref.patcher), atol=ATOL, rtol=RTOL)
+    assert result.run.flip_events > 0
+    assert torch.equal(sample(model), before), "the base model changed after a K-LoRA run"
