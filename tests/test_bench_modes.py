@@ -29,6 +29,7 @@ def _run_gpu_script(args, **env):
 
 
 @pytest.mark.slow
+@pytest.mark.comfyui
 def test_gpu_script_cpu_path_writes_table_and_json(tmp_path):
     try:
         root = comfy_env.find_comfy_root()
@@ -79,6 +80,7 @@ def test_gpu_model_config_is_full_size_sd15(comfy):
     assert len(attention) == 128  # 16 transformer blocks x 2 attentions x 4 projections (bench/cost_model.py)
 
 
+@pytest.mark.comfyui
 def test_gpu_script_refuses_without_comfyui_or_cuda(tmp_path):
     proc = _run_gpu_script(["--quick"], COMFYUI_PATH=str(tmp_path))
     assert proc.returncode == 2 and "COMFYUI_PATH" in proc.stderr
