@@ -3,9 +3,9 @@
 The frontend extension (``web/klora.js``) calls these while the user edits a
 "K-LoRA Fuse" node, so the selection map follows alpha, beta, pattern, scope,
 steps and the two loaders' files/strengths without queueing a prompt.  No
-model is needed: the two files are read with the pack's safe reader
-(``klora_core/lora_file.read_lora_file``: safetensors, or ``torch.load`` with
-``weights_only=True``), grouped into ``{canonical module: (up, down)}`` by
+model is needed: the two files are read with the project's one LoRA reader
+(``klora_core.safe_load.load_tensors``, which the loader nodes and the command
+line use too), grouped into ``{canonical module: (up, down)}`` by
 ``klora_core.lora_file.lora_modules`` and scored by ``klora_core.build_plan``.
 Module names are the file reader's canonical names (``down_blocks_1_...``),
 not ComfyUI's model keys, so the rows may be named and ordered slightly
@@ -98,9 +98,9 @@ def _full_path(name: str) -> str:
 
 def _modules(path: str, label: str) -> dict:
     from ..klora_core.lora_file import lora_modules
-    from .handles import read_lora_file
+    from ..klora_core.safe_load import load_tensors
 
-    return lora_modules(read_lora_file(path, label), 1.0, source=label)
+    return lora_modules(load_tensors(path, label), 1.0, source=label)
 
 
 def _score(subject_path: str, style_path: str, p: PreviewParams) -> _Scored:

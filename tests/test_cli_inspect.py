@@ -352,7 +352,7 @@ def _one_line(stderr):
 def test_errors_are_one_line(tmp_path, pair, capsys):
     subject, style, _ = pair
     missing = run_cli("inspect", tmp_path / "nope.safetensors", style, "--out", tmp_path / "x.png", cwd=tmp_path)
-    assert missing.returncode == 1 and "no such file" in _one_line(missing.stderr)
+    assert missing.returncode == 1 and "file not found" in _one_line(missing.stderr)
     assert missing.stdout == "" and not (tmp_path / "x.png").exists()
 
     def fails(*args, status=1):

@@ -269,7 +269,7 @@ def test_missing_file_exits_nonzero(tmp_path):
     res = run_cli("map", tmp_path / "nope.safetensors", tmp_path / "nope2.safetensors", "--out", tmp_path / "m.png", cwd=tmp_path)
     assert res.returncode == 1
     line = _one_line(res.stderr)
-    assert "nope.safetensors" in line and "no such file" in line
+    assert "nope.safetensors" in line and "file not found" in line
     assert not (tmp_path / "m.png").exists()
 
 
