@@ -146,7 +146,7 @@ NODE_STATE = """(type) => {
     const rect = app.canvas.canvas.getBoundingClientRect();
     const [x, y] = app.canvas.ds.convertOffsetToCanvas([node.pos[0], node.pos[1]]);
     return {id: node.id, title: node.title, size: [node.size[0], node.size[1]],
-            widgets: (node.widgets || []).map((w) => [w.name, w.value]),
+            widgets: (node.widgets || []).map((w) => [w.name, w.value, w.label]),
             screen: [x + rect.left, y + rect.top], known: !!LiteGraph.registered_node_types[type]};
 }"""
 
@@ -218,6 +218,8 @@ def test_fusion_in_the_browser(live, browser):
         assert 0 <= x < VIEWPORT["width"] and 0 <= y < VIEWPORT["height"], f"{node_type} is off screen: {state}"
         saved = next(n for n in workflow["nodes"] if n["type"] == node_type)["widgets_values"]
         assert [w[1] for w in state["widgets"]][: len(saved)] == saved, (node_type, state["widgets"], saved)
+        if node_type == "KLoRAFuse":  # a short label where the Vue renderer would cut the name (locales/en)
+            assert dict((w[0], w[2]) for w in state["widgets"])["progress_measure"] == "progress", state["widgets"]
 
     # 3. the live map, then alpha changed through the node's own increment arrow
     first = page.wait_preview("ready")

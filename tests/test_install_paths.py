@@ -502,7 +502,12 @@ with warnings.catch_warnings(record=True) as caught:
     for sub in cfg["submodules"]:
         importlib.import_module(name + "." + sub)
 added = sorted(m for m in set(sys.modules) - before if m != name and not m.startswith(name + "."))
-print(json.dumps({"added": added, "nodes": sorted(getattr(module, "NODE_CLASS_MAPPINGS", {})),
+nodes_found = []  # as ComfyUI's load_custom_node registers a V3 pack: comfy_entrypoint -> get_node_list
+if hasattr(module, "comfy_entrypoint"):
+    import asyncio
+    extension = asyncio.run(module.comfy_entrypoint())
+    nodes_found = [node.GET_SCHEMA().node_id for node in asyncio.run(extension.get_node_list())]
+print(json.dumps({"added": added, "nodes": sorted(nodes_found), "v1": hasattr(module, "NODE_CLASS_MAPPINGS"),
                   "blocked_hits": Block.hits, "records": records,
                   "warnings": [f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}" for w in caught]}))
 '''
@@ -531,6 +536,7 @@ def test_imports_only_what_comfyui_has(tmp_path, inside_comfyui):
                          timeout=300, cwd=tmp_path, env=env)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert not out["v1"], "NODE_CLASS_MAPPINGS would make ComfyUI load the pack as V1 and skip comfy_entrypoint"
     if inside_comfyui:
         assert out["nodes"] == sorted(NODE_IDS)
     else:

@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_pair_arguments(m: argparse.ArgumentParser) -> None:
     """The options ``map`` and ``inspect`` share."""
     m.add_argument("subject", nargs="?", metavar="SUBJECT",
-                   help="subject LoRA (.safetensors; .pt/.ckpt are read weights-only); omit both files for the demo pair")
+                   help="subject LoRA (.safetensors; .pt/.ckpt read weights-only); omit both files for the demo pair")
     m.add_argument("style", nargs="?", metavar="STYLE", help="style LoRA (.safetensors; .pt/.ckpt read weights-only)")
     m.add_argument("--steps", type=option_value(STEPS, "--steps"), default=STEPS.default,
                    help=f"sampling steps (columns), {STEPS.lo}-{STEPS.hi}; step i has progress i/steps "
