@@ -2,7 +2,8 @@
 
 Everything in this package may import ComfyUI; the algorithm lives in
 ``klora_core`` and never does.  The nodes use ComfyUI's V3 node API
-(``nodes/extension.py``).
+(``nodes/extension.py``).  docs/architecture.md follows a LoRA file through
+these modules, from reading it to restoring the weights after sampling.
 """
 from .extension import comfy_entrypoint
 

@@ -1,7 +1,7 @@
 """The ``python -m klora_core map`` command line, end to end, without ComfyUI.
 
-The expected subject/style choices are computed here from the spec's formula
-(docs: /work/shared/klora-spec.md, "Definitions" to "The decision") on the
+The expected subject/style choices are computed here from the method's formulas
+(docs/method.md, "Definitions" to "The decision") on the
 tensors read straight from the files with safetensors, in float64, without
 calling ``build_plan`` or ``klora_core.lora_file``.  They are compared with
 the CLI's table and with the pixels of the PNG it writes.
@@ -51,7 +51,7 @@ def run_cli(*args, cwd):
 # --- independent reference -------------------------------------------------------------
 
 def spec_selection(pairs, steps, alpha, beta, pattern):
-    """``{name: "SSTT..."}`` from the spec's formula.
+    """``{name: "SSTT..."}`` from the method's formulas (docs/method.md).
 
     ``pairs``: ``{name: ((up_S, down_S, scale_S), (up_T, down_T, scale_T))}``.
     """

@@ -48,6 +48,8 @@ from pathlib import Path
 import pytest
 
 from support import comfy_env
+from support.repo_files import git as _git
+from support.repo_files import tracked_files
 from support.server_harness import ComfyServer
 
 try:
@@ -73,20 +75,6 @@ def _norm(name: str) -> str:
 
 
 # --- the pack as git would hand it out ------------------------------------------------
-
-def _git(*args) -> str:
-    try:
-        return subprocess.run(["git", "-C", str(REPO), *args], check=True, capture_output=True, text=True,
-                              timeout=60).stdout
-    except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"needs a git checkout of the pack and git on PATH ({exc})")
-
-
-def tracked_files() -> list:
-    """Paths in the git index that exist in the working tree (a clone's file list, today's content)."""
-    names = [n for n in _git("ls-files", "-z").split("\0") if n]
-    return [n for n in names if (REPO / n).is_file()]
-
 
 def comfyignored() -> set:
     """Tracked paths that ``.comfyignore`` excludes from the registry archive (gitignore syntax)."""
