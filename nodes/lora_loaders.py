@@ -95,7 +95,7 @@ class _LoRALoader(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, lora_name, **_) -> str:
+    def fingerprint_inputs(cls, lora_name, **_):
         """Changes whenever the file is replaced or rewritten, so a new file is read again."""
         try:
             return file_signature(folder_paths.get_full_path("loras", lora_name) or "")
