@@ -19,6 +19,7 @@ import logging
 from comfy_api.latest import io
 
 from ..klora_core import options, schedule
+from ..klora_core.errors import KLoRAError
 from ..klora_core.options import (ALPHA, BETA, MEASURE_NOISE, MEASURES, OUTSIDE_BOTH, OUTSIDE_CHOICES,
                                   SCOPE_ATTENTION, SCOPES, STEPS)
 from .fuse import fuse_model
@@ -85,6 +86,20 @@ class KLoRAFuse(io.ComfyNode):
                                         "blue = subject, orange = style."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, pattern, scope, outside_scope, progress_measure):
+        """Refuse a bad choice before anything runs, on every ComfyUI version (0.3.75 does not check V3 combo
+        values itself), with the words :func:`.fuse.fuse_model` would use.  A choice added later is checked
+        by ComfyUI (0.8 and newer) and by fuse_model when the node runs."""
+        try:
+            for name, value, choices in (("pattern", pattern, schedule.PATTERNS), ("scope", scope, SCOPES),
+                                         ("outside_scope", outside_scope, OUTSIDE_CHOICES),
+                                         ("progress_measure", progress_measure, MEASURES)):
+                options.check_choice(name, value, choices)
+        except KLoRAError as exc:
+            return str(exc)
+        return True
 
     @classmethod
     def execute(cls, model, subject, style, map_steps=STEPS.default, **settings) -> io.NodeOutput:

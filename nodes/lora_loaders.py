@@ -95,6 +95,16 @@ class _LoRALoader(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, lora_name):
+        """Refuse a prompt naming a file that is not there before anything runs, on every ComfyUI version
+        (0.3.75 does not check V3 combo values itself); the words are the ones execution would use."""
+        try:
+            _lora_path(lora_name, f"{cls.ROLE} LoRA '{lora_name}'")
+        except KLoRAError as exc:
+            return str(exc)
+        return True
+
+    @classmethod
     def fingerprint_inputs(cls, lora_name, **_):
         """Changes whenever the file is replaced or rewritten, so a new file is read again."""
         try:
