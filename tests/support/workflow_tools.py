@@ -254,8 +254,13 @@ def without_meta(prompt: dict) -> dict:
     return {node_id: {k: v for k, v in entry.items() if k != "_meta"} for node_id, entry in prompt.items()}
 
 
-def validate_ui(workflow: dict, object_info: dict, names: dict) -> list:
-    """Every problem that would stop the 0.3.75 frontend/server from using this UI workflow."""
+def validate_ui(workflow: dict, object_info: dict, names: dict, saved_earlier: bool = False) -> list:
+    """Every problem that would stop the 0.3.75 frontend/server from using this UI workflow.
+
+    ``saved_earlier``: the file was saved by an earlier version of the nodes, so
+    widgets added since then may have no value yet, provided they come last and
+    are optional with a default (the frontend gives them their default on load).
+    """
     problems = []
     if workflow.get("version") != 0.4:
         problems.append(f"version is {workflow.get('version')!r}, expected 0.4")
@@ -320,7 +325,10 @@ def validate_ui(workflow: dict, object_info: dict, names: dict) -> list:
             if is_socket and name not in linked and name not in widget_names:
                 problems.append(f"{where}: required input {name!r} is not connected")
         values = node.get("widgets_values") or []
-        if len(values) != len(specs):
+        optional = node_def["input"].get("optional", {})
+        added_later = saved_earlier and all(name in optional and "default" in opts
+                                            for name, _kind, opts in specs[len(values):])
+        if len(values) > len(specs) or (len(values) < len(specs) and not added_later):
             problems.append(f"{where}: {len(values)} widget values for {len(specs)} widgets "
                             f"{[s[0] for s in specs]}")
         for (name, kind, opts), value in zip(specs, values):
