@@ -74,15 +74,6 @@ _LDM_INPUT = re.compile(r"^input_blocks_(?P<n>\d+)_1_" + _LDM_INNER + "$")
 _LDM_MIDDLE = re.compile(r"^middle_block_1_" + _LDM_INNER + "$")
 _LDM_OUTPUT = re.compile(r"^output_blocks_(?P<n>\d+)_1_" + _LDM_INNER + "$")
 
-_ATTENTION = re.compile(
-    r"(?:^|_)(?:attn\d?|attention|self_attn|img_attn|txt_attn)_"
-    r"(?:to_q|to_k|to_v|to_out_0|to_out|add_q_proj|add_k_proj|add_v_proj|to_add_out|"
-    r"q_proj|k_proj|v_proj|o_proj|out_proj|qkv|qkv_proj|to_qkv|to_kv|proj)$"
-    # FLUX single-stream blocks fuse q/k/v (+ MLP in) into linear1 and out (+ MLP out) into
-    # linear2; like klora_core.weight_keys, count them as attention projections.
-    r"|^single_blocks_\d+_linear[12]$"
-)
-
 PathLike = Union[str, os.PathLike]
 
 
@@ -131,17 +122,6 @@ def canonical_module_name(name: str) -> str:
         n = int(m["n"])
         return f"up_blocks_{n // 3}_attentions_{n % 3}_{m['rest']}"
     return out
-
-
-def is_attention_module(name: str) -> bool:
-    """True for attention projections (q, k, v, out) of the diffusion model.
-
-    ``name`` is a canonical name (see :func:`canonical_module_name`); text
-    encoder modules (``te1_``/``te2_``) are never attention modules here.
-    """
-    if name.startswith(("te1_", "te2_")):
-        return False
-    return _ATTENTION.search(name) is not None
 
 
 def _classify(key: str):

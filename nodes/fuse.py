@@ -7,15 +7,17 @@ before the clone is returned, so a failure leaves the user's model unpatched.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import comfy.utils
 
 from ..klora_core import options, schedule
 from ..klora_core.errors import KLoRAError
-from ..klora_core.weight_keys import display_key, is_attention_projection, weight_name
+from ..klora_core.weight_keys import display_key, weight_name
 from ..klora_core.plan import plan_from_scores, scores_at_strengths
 from .adapters import lora_factors
+from .attention_structure import attention_rule
+from .coverage import coverage_lines, unswitched_attention
 from .fuse_report import FuseReport, FuseSettings, WeightGroups
 from .handles import LoRAHandle
 from .comfy_key_map import load_lora_patches
@@ -159,8 +161,10 @@ def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: flo
     shared = _model_order(model_sd, [k for k in subject_patches if k in style_patches])
     subject_only = _model_order(model_sd, [k for k in subject_patches if k not in style_patches])
     style_only = _model_order(model_sd, [k for k in style_patches if k not in subject_patches])
-    switched = [k for k in shared if scope == SCOPE_ALL or is_attention_projection(k)]
+    rule = attention_rule(model_patcher)
+    switched = [k for k in shared if scope == SCOPE_ALL or rule.is_projection(k)]
     outside = [k for k in shared if k not in set(switched)]
+    flagged = unswitched_attention(rule, outside)
 
     s_strength, t_strength = subject.strength, style.strength
     same_file = subject.sha256 == style.sha256
@@ -185,6 +189,7 @@ def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: flo
                                     alpha, beta, pattern)
         except KLoRAError as exc:
             raise KLoRAError(f"{subject.label()} + {style.label()}: {exc}") from None
+        plan = replace(plan, unswitched=tuple(display_key(k) for k in flagged))
 
     fused, auto_mode = choose_patcher_and_mode(model_patcher.clone())
     mode = mode or auto_mode
@@ -208,6 +213,7 @@ def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: flo
     if merged:
         notes.append(f"{len(merged)} weights are covered by both files in different layouts (e.g. a fused qkv "
                      "and separate q/k/v): each is switched as one whole weight")
+    notes[:0] = coverage_lines(rule, scope, switched, flagged, outside_scope, subject_only, style_only)
     if same_file:
         notes.append("subject and style are the same file: both deltas are identical, so the result equals one "
                      "LoRA whose strength follows the schedule")
@@ -217,6 +223,7 @@ def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: flo
         "style_matched": t_matched, "style_unmatched": t_unmatched,
         "switched": len(switched), "outside": len(outside),
         "subject_only": len(subject_only), "style_only": len(style_only),
+        "unswitched_attention": len(flagged),
     }
     report = FuseReport(
         model_family=model_family(model_patcher), subject=subject, style=style, plan=plan, stats=stats, notes=notes,
@@ -225,4 +232,3 @@ def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: flo
     ).text()
     logger.info("%s", report.splitlines()[0])
     return FuseResult(model=fused, report=report, plan=plan, run=run, stats=stats)
-

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from ..klora_core.gamma import trimming
-from ..klora_core.weight_keys import display_key
+from .coverage import sample_names
 from .handles import LoRAHandle
 
 
@@ -59,9 +59,7 @@ class FuseReport:
             lines += self._schedule_lines()
         lines.append(f"{len(w.outside)} shared weights outside the scope: applied {s.outside_scope}")
         for label, keys in (("only the subject covers", w.subject_only), ("only the style covers", w.style_only)):
-            sample = ", ".join(display_key(k) for k in keys[:3])
-            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
-            listed = f": {sample}{more}" if keys else ""
+            listed = f": {sample_names(keys)}" if keys else ""
             lines.append(f"{len(keys)} weights {label} (applied as a plain LoRA){listed}")
         lines.extend(self.notes)
         return "\n".join(lines)

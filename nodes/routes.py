@@ -104,7 +104,7 @@ def _modules(path: str, label: str) -> dict:
 
 
 def _score(subject_path: str, style_path: str, p: PreviewParams) -> _Scored:
-    from ..klora_core.lora_file import is_attention_module
+    from ..klora_core.weight_keys import is_attention_name
     from ..klora_core.plan import build_plan
 
     subject = _modules(subject_path, f"subject LoRA '{p.subject}'")
@@ -117,7 +117,7 @@ def _score(subject_path: str, style_path: str, p: PreviewParams) -> _Scored:
         raise KLoRAError(f"subject LoRA '{p.subject}' and style LoRA '{p.style}' share no diffusion-model "
                          "layer: they were trained for different models (or use names that cannot be paired)")
     if p.scope == SCOPE_ATTENTION:
-        in_scope = [k for k in shared if is_attention_module(k)]
+        in_scope = [k for k in shared if is_attention_name(k)]
         if not in_scope:
             raise KLoRAError(f"the LoRAs share {len(shared)} layers but no attention projection; "
                              "set scope to 'all shared weights'")

@@ -22,6 +22,7 @@ REPO = comfy_env.REPO_ROOT
 
 
 @pytest.mark.slow
+@pytest.mark.comfyui
 def test_bench_quick_writes_table_and_json(tmp_path):
     try:
         comfy_env.find_comfy_root()

@@ -241,7 +241,7 @@ def _oom_worker(out_path: str) -> int:
     from klora_pack.nodes.handles import make_handle
     from klora_pack.nodes.pair_scores import clear_score_cache
 
-    config = dict(tiny_models.CONFIGS["flux"], context_in_dim=OOM_CONTEXT_DIM)
+    config = tiny_models.installed_config("flux", context_in_dim=OOM_CONTEXT_DIM)
     model_config = comfy.supported_models.Flux(config)
     model_config.set_inference_dtype(torch.float32, None)
     cpu = torch.device("cpu")

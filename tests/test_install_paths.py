@@ -60,6 +60,9 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as tomli or pip's v
     except ModuleNotFoundError:
         from pip._vendor import tomli as tomllib
 
+#: Each install path is checked against the ComfyUI under test (also the second one of scripts/test.sh).
+pytestmark = pytest.mark.comfyui
+
 REPO = Path(__file__).resolve().parent.parent
 PACK_ID = "klora-fusion"
 NODE_IDS = ("KLoRASubjectLoader", "KLoRAStyleLoader", "KLoRAFuse")
@@ -115,11 +118,6 @@ def fresh_comfyui(dest: Path) -> Path:
     (root / "custom_nodes").mkdir()
     (root / "models").mkdir()
     return root
-
-
-def comfyui_version(root: Path) -> str:
-    text = (root / "comfyui_version.py").read_text(encoding="utf-8")
-    return re.search(r"__version__\s*=\s*[\"']([^\"']+)", text).group(1)
 
 
 # --- Manager's pip step -------------------------------------------------------------------
@@ -282,7 +280,7 @@ def test_pyproject_follows_registry_rules():
     w, h = (int(re.search(rf'\b{a}="(\d+)"', svg).group(1)) for a in ("width", "height"))
     assert w == h and w <= 400, (w, h)  # square, within the registry's 800 x 400 limit
     spec = SpecifierSet(comfy["requires-comfyui"])
-    tested = comfyui_version(comfy_env.find_comfy_root())
+    tested = comfy_env.comfy_version(comfy_env.find_comfy_root())
     assert spec.contains(Version(tested)), f"requires-comfyui {spec} excludes the tested ComfyUI {tested}"
     for inc in comfy.get("includes", []):
         assert (REPO / inc.lstrip("/")).exists(), inc

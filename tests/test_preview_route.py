@@ -21,7 +21,8 @@ import torch
 
 from support import workflow_tools as wt
 from klora_core import build_plan
-from klora_core.lora_file import is_attention_module, load_lora_file
+from klora_core.lora_file import load_lora_file
+from klora_core.weight_keys import is_attention_name
 
 pytestmark = [pytest.mark.server]
 
@@ -83,8 +84,8 @@ def expected(live, subject, style, *, subject_strength=1.0, style_strength=1.0, 
     s = {k: v for k, v in s.items() if not k.startswith(("te1_", "te2_"))}
     t = {k: v for k, v in t.items() if not k.startswith(("te1_", "te2_"))}
     if scope == "attention projections":
-        s = {k: v for k, v in s.items() if is_attention_module(k)}
-        t = {k: v for k, v in t.items() if is_attention_module(k)}
+        s = {k: v for k, v in s.items() if is_attention_name(k)}
+        t = {k: v for k, v in t.items() if is_attention_name(k)}
     plan = build_plan(s, t, alpha, beta, pattern)
     return plan, plan.selection(steps)
 

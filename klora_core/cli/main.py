@@ -179,7 +179,8 @@ def _read_lora(path, role: str, strength: float):
 def _load_pair(args, info=None):
     """``(subject, style)`` module dicts, kept to ``--scope``; ``info`` (a dict) also gets the paths,
     the name-based families, each file's facts and every module name of both files, before the scope filter."""
-    from ..lora_file import detect_family, is_attention_module
+    from ..lora_file import detect_family
+    from ..weight_keys import is_attention_name
 
     if (args.subject is None) != (args.style is None):
         raise KLoRAError("give both SUBJECT and STYLE LoRA files, or neither for the demo pair")
@@ -208,8 +209,8 @@ def _load_pair(args, info=None):
     log.info("paired %d modules; %d only in subject, %d only in style",
              len(shared), len(subject) - len(shared), len(style) - len(shared))
     if args.scope == "attention":
-        kept_s = {k: v for k, v in subject.items() if is_attention_module(k)}
-        kept_t = {k: v for k, v in style.items() if is_attention_module(k)}
+        kept_s = {k: v for k, v in subject.items() if is_attention_name(k)}
+        kept_t = {k: v for k, v in style.items() if is_attention_name(k)}
         if shared and not any(k in kept_t for k in kept_s):
             raise KLoRAError(
                 f"the LoRAs share {len(shared)} weights but no attention projection (q/k/v/out); use --scope all"

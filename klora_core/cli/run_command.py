@@ -13,7 +13,8 @@ re-implemented here.
 Without model arguments it generates the seeded demo models of
 :mod:`klora_core.cli.demo_models` (an SD1.5-detectable UNet, a CLIP-L text
 encoder, a TAESD-layout VAE and a subject/style LoRA pair) into a cache
-folder and uses the cached ComfyUI 0.3.75 of ``scripts/setup_comfyui_env.sh``.
+folder and uses the cached ComfyUI 0.3.75 of ``scripts/setup_comfyui_env.sh``
+(``KLORA_COMFYUI_VERSION=0.8.0``: its cached 0.8.0).
 
 No ComfyUI import: only the standard library, torch/safetensors (to write the
 demo models) and Pillow (loaded lazily to draw the ``--grid`` contact sheet;

@@ -53,7 +53,7 @@ def build_run_parser(subparsers) -> argparse.ArgumentParser:
     where = r.add_argument_group("ComfyUI")
     where.add_argument("--comfyui", metavar="PATH", default=None,
                        help="ComfyUI folder to run (default: $COMFYUI_PATH, else the cached ComfyUI of "
-                            "scripts/setup_comfyui_env.sh)")
+                            "scripts/setup_comfyui_env.sh, the version $KLORA_COMFYUI_VERSION names)")
     where.add_argument("--python", metavar="EXE", default=None,
                        help="python that runs ComfyUI (default: this python)")
     where.add_argument("--cpu", action="store_true",

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from support import family_models
 from support import klora_reference
-from support import tiny_models
 
 
 def units_of(truth: dict, strength: float) -> dict:
@@ -59,7 +59,7 @@ class BruteForce:
     """Reference model: sample with ``comfy.sample.sample(self.patcher, ...)``.
 
     Args:
-        family, seed: the tiny model to copy.
+        family, seed: the tiny model to copy (any family of ``family_models.FAMILIES``).
         subject_truth, style_truth: LoRA factory truths.
         strengths: (subject, style).
         alpha, beta, pattern: schedule.
@@ -72,7 +72,7 @@ class BruteForce:
         """``extras``: [(truth, strength)] always applied (plain LoRAs);
         ``more_pairs``: [(subject_truth, style_truth, (s_strength, t_strength), alpha, beta, pattern)]
         further K-LoRA pairs stacked on the same weights; ``patcher``: a prepared base model to use."""
-        self.patcher = patcher if patcher is not None else tiny_models.build_model(family, seed)
+        self.patcher = patcher if patcher is not None else family_models.build_model(family, seed)
         self.model = self.patcher.model
         self.pairs = []
         for truth_s, truth_t, (ss, st), a, b, pat in [(subject_truth, style_truth, strengths, alpha, beta, pattern),

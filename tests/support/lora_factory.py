@@ -2,30 +2,42 @@
 
     sd, truth = make_lora(model_patcher, style="peft", rank=4, alpha=None, scope="attn", seed=0)
 
-Styles (``STYLES``), with example names for the tiny models of tiny_models.py:
-- ``"kohya"``: ComfyUI/ldm module path with ``_``:
+Styles (``STYLES``; each is a :class:`Style` in ``STYLE_TABLE``: a function
+naming every weight it can name, plus the tensor suffixes it writes; add a
+naming style by adding an entry), with example names:
+- ``"kohya"`` (every family): ComfyUI module path with ``_``:
   ``lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_down.weight``
   / ``.lora_up.weight`` / ``.alpha`` (what kohya sd-scripts writes for SDXL
-  and FLUX: ``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``).
+  and FLUX: ``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``;
+  ComfyUI maps ``lora_unet_<path>`` for every model).
+- ``"comfy_peft"`` (every family): ComfyUI's generic names
+  ``diffusion_model.<module path>.lora_A.weight`` / ``.lora_B.weight``
+  (``diffusion_model.blocks.0.self_attn.q.lora_A.weight``), the spelling
+  ai-toolkit and diffusion-pipe write for most DiTs.
 - ``"kohya_diffusers"`` (UNets only): diffusers path with ``_``, as sd-scripts
   writes for SD1.5:
   ``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight``.
-- ``"diffusers"``: UNet ``unet.<diffusers path>.lora.down.weight`` / ``.lora.up.weight``
+- ``"diffusers"`` (UNets, FLUX): UNet ``unet.<diffusers path>.lora.down.weight`` / ``.lora.up.weight``
   (``unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight``);
   FLUX ``transformer.<diffusers path>.lora_A.weight`` / ``.lora_B.weight``
   (``transformer.transformer_blocks.0.attn.to_q.lora_A.weight``, whose delta
   lands in rows [0, 64) of ``double_blocks.0.img_attn.qkv.weight``).
-- ``"peft"``: UNet ``unet.<diffusers path>.lora_A.weight`` / ``.lora_B.weight``;
+- ``"peft"`` (UNets, FLUX): UNet ``unet.<diffusers path>.lora_A.weight`` / ``.lora_B.weight``;
   FLUX bare ``<diffusers path>.lora_A.weight`` (``get_peft_model_state_dict``).
-- ``"peft_base"``: ``base_model.model.<diffusers path>.lora_A.weight`` (a saved PeftModel).
+- ``"peft_base"`` (UNets, FLUX): ``base_model.model.<diffusers path>.lora_A.weight`` (a saved PeftModel).
 Alpha, when given, is stored as ``<base name>.alpha`` (0-d tensor) in every style.
 
-Scopes: ``"attn"``: UNet attn1/attn2 to_q, to_k, to_v, to_out.0; FLUX
-img_attn/txt_attn qkv and proj (diffusers: to_q/k/v, add_q/k/v_proj, to_out.0,
-to_add_out) and single-block linear1/linear2 (diffusers: to_q/k/v, proj_mlp,
-proj_out). ``"all"``: every Linear/conv weight (ndim >= 2) the style can
-name. FLUX diffusers ``norm_out.linear`` is left out: ComfyUI applies
-``swap_scale_shift`` to its delta, which the truth tuple cannot express.
+Scopes: ``"attn"``: the weights the model family's architecture names as
+attention projections (``family_models.FamilySpec.attention``, written in the
+test support, never taken from the pack): UNet attn1/attn2 to_q, to_k, to_v,
+to_out.0; FLUX img_attn/txt_attn qkv and proj (diffusers: to_q/k/v,
+add_q/k/v_proj, to_out.0, to_add_out) and single-block linear1/linear2
+(diffusers: to_q/k/v, proj_mlp, proj_out); Wan self_attn/cross_attn q/k/v/o
+(+ k_img/v_img); and so on per family.  A name that addresses a slice of a
+fused weight is in scope when the fused weight is.  ``"all"``: every
+Linear/conv weight (ndim >= 2) the style can name. FLUX diffusers
+``norm_out.linear`` is left out: ComfyUI applies ``swap_scale_shift`` to its
+delta, which the truth tuple cannot express.
 
 ``truth`` is built from the naming convention, not from ComfyUI's LoRA parser:
 ``{model weight key: [(up, down, scale, offset_or_None), ...]}``, e.g.
@@ -37,42 +49,45 @@ UNet diffusers names come from ``comfy.utils.unet_to_diffusers`` (name
 correspondence only; where two names map to one weight the lexicographically
 first, ``add_embedding``, is used); the FLUX table is written out here.
 
-Values: down ~ N(0, 1) * 0.1 * m, up ~ N(0, 1) * 0.1 * m * ``scale_mult``,
-with a per-module magnitude m drawn log-uniformly in [0.5, 2], all from one
+Values: down ~ N(0, 1) * 0.1 * m, up ~ N(0, 1) * 0.1 * m * ``scale``,
+with a per-module magnitude m drawn log-uniformly in [0.5, 2] (``magnitudes``), all from one
 generator seeded with ``seed`` and modules visited in sorted name order.
 """
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from support.comfy_env import setup_comfy
 
-STYLES = ("kohya", "kohya_diffusers", "diffusers", "peft", "peft_base")
 SCOPES = ("attn", "all")
+#: ComfyUI config classes whose UNet ``comfy.utils.unet_to_diffusers`` names.
+_SD_UNETS = ("sd15", "sdxl")
 
-_SUFFIXES = {
-    # style: (down suffix, up suffix)
-    "kohya": (".lora_down.weight", ".lora_up.weight"),
-    "kohya_diffusers": (".lora_down.weight", ".lora_up.weight"),
-    "diffusers": (".lora.down.weight", ".lora.up.weight"),
-    "peft": (".lora_A.weight", ".lora_B.weight"),
-    "peft_base": (".lora_A.weight", ".lora_B.weight"),
-}
-_UNET_ATTN = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
-_FLUX_LDM_ATTN = re.compile(r"(\.(img_attn|txt_attn)\.(qkv|proj)|^single_blocks\.\d+\.linear[12])$")
-_FLUX_DIFFUSERS_ATTN = re.compile(
-    r"(\.attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0|to_add_out)"
-    r"|^single_transformer_blocks\.\d+\.(proj_mlp|proj_out))$"
-)
+
+@dataclass(frozen=True)
+class Style:
+    """A naming style: ``names(model_patcher) -> {lora base name: (model key, offset or None)}``
+    for every weight (ndim >= 2) it can name, and the down/up tensor suffixes it writes."""
+
+    names: Callable
+    down: str
+    up: str
+
+
+def _family(model_patcher) -> str:
+    from support import family_models
+
+    return family_models.family_of_model(model_patcher)
 
 
 def family_of(model_patcher) -> str:
-    """Return ``"flux"`` for FLUX-family models, ``"unet"`` for SD-style UNets."""
-    import comfy.model_base
-
-    return "flux" if isinstance(model_patcher.model, comfy.model_base.Flux) else "unet"
+    """Return ``"flux"`` for FLUX-family models, ``"unet"`` for SD-style UNets, else the family name."""
+    name = _family(model_patcher)
+    return "unet" if name in _SD_UNETS else name
 
 
 def _ldm_modules(sd: dict) -> dict:
@@ -141,51 +156,95 @@ def _flux_diffusers_modules(model, sd: dict) -> dict:
     return out
 
 
+def _diffusers_paths(model_patcher) -> dict:
+    """``{diffusers path: (model key, offset)}``; only the SD UNets and FLUX have a table here."""
+    model = model_patcher.model
+    sd = model.state_dict()
+    fam = family_of(model_patcher)
+    if fam == "unet":
+        return _unet_diffusers_modules(model, sd)
+    if fam == "flux":
+        return _flux_diffusers_modules(model, sd)
+    raise ValueError(f"no diffusers names for the {fam} family in lora_factory yet")
+
+
+def _unet_only(model_patcher) -> dict:
+    if family_of(model_patcher) != "unet":
+        raise ValueError("style 'kohya_diffusers' is an SD1.5/SDXL naming; other families' kohya files use 'kohya'")
+    return _diffusers_paths(model_patcher)
+
+
+def _prefixed(paths_of: Callable, prefixes: dict, underscores: bool = False) -> Callable:
+    """Names ``prefix + path`` (``.`` written as ``_`` when ``underscores``); prefix by family kind."""
+
+    def names(model_patcher) -> dict:
+        kind = family_of(model_patcher)
+        prefix = prefixes.get(kind, prefixes.get("*"))
+        if prefix is None:
+            raise ValueError(f"no prefix for the {kind} family")
+        paths = paths_of(model_patcher)
+        return {prefix + (p.replace(".", "_") if underscores else p): t for p, t in paths.items()}
+
+    return names
+
+
+def _ldm_paths(model_patcher) -> dict:
+    return _ldm_modules(model_patcher.model.state_dict())
+
+
+_KOHYA = (".lora_down.weight", ".lora_up.weight")
+_PEFT = (".lora_A.weight", ".lora_B.weight")
+STYLE_TABLE = {
+    "kohya": Style(_prefixed(_ldm_paths, {"*": "lora_unet_"}, underscores=True), *_KOHYA),
+    "comfy_peft": Style(_prefixed(_ldm_paths, {"*": "diffusion_model."}), *_PEFT),
+    "kohya_diffusers": Style(_prefixed(_unet_only, {"*": "lora_unet_"}, underscores=True), *_KOHYA),
+    "diffusers": Style(_prefixed(_diffusers_paths, {"unet": "unet.", "flux": "transformer."}),
+                       ".lora.down.weight", ".lora.up.weight"),
+    "peft": Style(_prefixed(_diffusers_paths, {"unet": "unet.", "flux": ""}), *_PEFT),
+    "peft_base": Style(_prefixed(_diffusers_paths, {"*": "base_model.model."}), *_PEFT),
+}
+STYLES = tuple(STYLE_TABLE)
+
+
+def _in_attention_scope(model_patcher) -> Callable:
+    """``key -> bool`` from the family's architecture regex (family_models), on the target model key."""
+    from support import family_models
+
+    pattern = re.compile(family_models.spec_of(_family(model_patcher)).attention)
+    return lambda key: bool(pattern.fullmatch(key[len("diffusion_model."):-len(".weight")]))
+
+
 def lora_modules(model_patcher, style: str, scope: str) -> dict:
     """``{lora base name: (model weight key, offset or None)}`` that make_lora generates."""
-    if style not in STYLES:
+    if style not in STYLE_TABLE:
         raise ValueError(f"unknown style {style!r}; expected one of {STYLES}")
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; expected one of {SCOPES}")
     setup_comfy()
-    model = model_patcher.model
-    sd = model.state_dict()
-    fam = family_of(model_patcher)
-    if style == "kohya":
-        paths = _ldm_modules(sd)
-        attn = _FLUX_LDM_ATTN if fam == "flux" else _UNET_ATTN
-    elif fam == "flux":
-        if style == "kohya_diffusers":
-            raise ValueError("style 'kohya_diffusers' is an SD1.5/SDXL naming; FLUX kohya files use 'kohya'")
-        paths, attn = _flux_diffusers_modules(model, sd), _FLUX_DIFFUSERS_ATTN
-    else:
-        paths, attn = _unet_diffusers_modules(model, sd), _UNET_ATTN
+    names = STYLE_TABLE[style].names(model_patcher)
     if scope == "attn":
-        paths = {p: t for p, t in paths.items() if attn.search(p)}
-    if style in ("kohya", "kohya_diffusers"):
-        prefix = "lora_unet_"
-        return {prefix + p.replace(".", "_"): t for p, t in paths.items()}
-    prefix = {
-        ("unet", "diffusers"): "unet.", ("unet", "peft"): "unet.", ("unet", "peft_base"): "base_model.model.",
-        ("flux", "diffusers"): "transformer.", ("flux", "peft"): "", ("flux", "peft_base"): "base_model.model.",
-    }[(fam, style)]
-    return {prefix + p: t for p, t in paths.items()}
+        in_scope = _in_attention_scope(model_patcher)
+        names = {n: t for n, t in names.items() if in_scope(t[0])}
+    return names
 
 
 def make_lora(model_patcher, style: str = "kohya", rank: int = 4, alpha: float | None = None,
-              scope: str = "attn", seed: int = 0, dtype: torch.dtype = torch.float32, scale: float = 1.0):
+              scope: str = "attn", seed: int = 0, dtype: torch.dtype = torch.float32, scale: float = 1.0,
+              magnitudes: tuple = (0.5, 2.0)):
     """Generate a LoRA for ``model_patcher``; returns ``(state_dict, truth)`` (see module docstring).
 
     ``rank``: r of every module (down [r, in(, kh, kw)], up [out, r(, 1, 1)]).
     ``alpha``: stored as ``.alpha`` when not None; truth scale = alpha / rank, else 1.0.
     ``scale``: multiplies every up tensor (a global rescale of the LoRA).
+    ``magnitudes``: range of the per-module magnitude m (``(1.0, 1.0)``: every module alike,
+    same random stream).
     """
     modules = lora_modules(model_patcher, style, scope)
     sd_model = model_patcher.model.state_dict()
-    down_sfx, up_sfx = _SUFFIXES[style]
+    down_sfx, up_sfx = STYLE_TABLE[style].down, STYLE_TABLE[style].up
     gen = torch.Generator(device="cpu").manual_seed(seed)
     state_dict, truth = {}, {}
-    lo, hi = torch.log(torch.tensor(0.5)), torch.log(torch.tensor(2.0))
+    lo, hi = torch.log(torch.tensor(float(magnitudes[0]))), torch.log(torch.tensor(float(magnitudes[1])))
     for base in sorted(modules):  # sorted: independent of dict/key-map order
         key, offset = modules[base]
         w = sd_model[key]

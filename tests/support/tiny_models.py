@@ -121,6 +121,24 @@ def fill_seeded_(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:
             p.copy_(values.to(p.dtype))
 
 
+def installed_config(family: str, **overrides) -> dict:
+    """``CONFIGS[family]`` with ``overrides``, plus what the imported ComfyUI's model class requires.
+
+    Feature-detected, not by version: ComfyUI 0.8's ``FluxParams`` has a required
+    field ``txt_ids_dims`` (FLUX.1: ``[]``, as its ``model_detection`` sets it),
+    which 0.3.75's rejects.
+    """
+    config = {**CONFIGS[family], **overrides}
+    if family == "flux":
+        import dataclasses
+
+        from comfy.ldm.flux.model import FluxParams
+
+        if "txt_ids_dims" in {f.name for f in dataclasses.fields(FluxParams)}:
+            config.setdefault("txt_ids_dims", [])
+    return config
+
+
 def build_model(family: str, seed: int = 0, std: float = 0.05):
     """Build a tiny float32 model of ``family`` ("sd15", "sdxl", "flux"), wrapped in a CPU ModelPatcher."""
     if family not in CONFIGS:
@@ -128,7 +146,7 @@ def build_model(family: str, seed: int = 0, std: float = 0.05):
     setup_comfy()
     import comfy.model_patcher
 
-    model_config = _model_config_class(family)(dict(CONFIGS[family]))
+    model_config = _model_config_class(family)(installed_config(family))
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model({}, device=torch.device("cpu"))
     model.eval()
