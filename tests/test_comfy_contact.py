@@ -2,7 +2,8 @@
 """ComfyUI internals are read in one module each, so a ComfyUI change has one place to fix.
 
 Read from the source (no import): in ``nodes/``, no attribute starting with
-an underscore is read from any object but the module's own ``self``/``cls``;
+an underscore is read from any object but the module's own ``self``/``cls``
+(torch's own names aside: this is about ComfyUI);
 ``ModelPatcher.backup`` is read only in ``nodes/patching.py``; the fields of
 ComfyUI's weight adapters (``.weights``) only in ``nodes/adapters.py`` (and
 in ``nodes/switch.py`` and ``nodes/fuse_report.py`` on their own classes).
@@ -23,9 +24,17 @@ COMFY_MODULES = ("comfy", "comfy_api", "comfy_extras", "comfy_execution", "folde
                  "execution")
 
 
+def _root(node) -> str | None:
+    """The name an attribute chain starts from (``torch`` for ``torch.nn.modules.conv._ConvNd``)."""
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
 def _attributes(path):
+    """``(line, base name or None, attribute)`` for every attribute read not rooted in torch (not ComfyUI's)."""
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Attribute):
+        if isinstance(node, ast.Attribute) and _root(node) != "torch":
             base = node.value.id if isinstance(node.value, ast.Name) else None
             yield node.lineno, base, node.attr
 
