@@ -94,6 +94,16 @@ def setup_comfy():
     return root, comfy_env
 
 
+def worker_args():
+    """The command line every worker takes: ``--json OUT.json [--quick]``."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--quick", action="store_true")
+    return ap.parse_args()
+
+
 def start_worker(quick: bool):
     """What every benchmark process does first: settings, one torch thread, no denormals, ComfyUI (CPU).
 

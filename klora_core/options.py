@@ -20,7 +20,7 @@ __all__ = [
     "SCOPE_ATTENTION", "SCOPE_ALL", "SCOPES",
     "OUTSIDE_BOTH", "OUTSIDE_SUBJECT", "OUTSIDE_STYLE", "OUTSIDE_NONE", "OUTSIDE_CHOICES",
     "MEASURE_NOISE", "MEASURE_STEPS", "MEASURES", "CLI_SCOPES", "CLI_MEASURES",
-    "NumberRange", "STRENGTH", "ALPHA", "BETA", "STEPS", "resolve_beta", "check_choice", "check_schedule",
+    "NumberRange", "STRENGTH", "ALPHA", "BETA", "BETA_PATTERN_DEFAULT", "STEPS", "pattern_beta", "resolve_beta", "check_choice", "check_schedule",
 ]
 
 # ---- which weights K-LoRA switches ------------------------------------------------------------
@@ -77,16 +77,26 @@ class NumberRange:
 STRENGTH = NumberRange(-100.0, 100.0, 1.0, 0.01)
 #: Slope of the style factor over progress (paper: 1.5).
 ALPHA = NumberRange(0.0, 10.0, 1.5, 0.05)
-#: Offset of the style factor.  Any negative value (the default, -1) means the pattern's paper
-#: default: 0.5 for ``s``, 1.275 for ``s*`` (:func:`resolve_beta`).
-BETA = NumberRange(-1.0, 10.0, -1.0, 0.025)
+#: Offset of the style factor.  The default is pattern ``s``'s paper value, 0.5; the paper's value for
+#: ``s*`` is 1.275 (:data:`~klora_core.schedule.DEFAULTS`), and the frontend extension (web/klora.js)
+#: switches between the two when the pattern changes.  Negative values are kept for workflows saved
+#: with 0.1.0, where -1 (the default then) meant "the pattern's paper value": any negative beta still
+#: means that (:func:`resolve_beta`), so those workflows run unchanged.
+BETA = NumberRange(-1.0, 10.0, 0.5, 0.025)
+#: The 0.1.0 sentinel: a beta below 0 means the pattern's paper value (what an omitted beta means).
+BETA_PATTERN_DEFAULT = -1.0
 #: Sampling steps (command line) and columns of the selection map (node, preview).
 STEPS = NumberRange(1, 150, 20, 1, integer=True)
 
 
-def resolve_beta(beta: float, pattern: str) -> float:
-    """The beta actually used: the pattern's paper default when ``beta`` is negative."""
-    return DEFAULTS[check_pattern(pattern)][1] if beta < 0 else float(beta)
+def pattern_beta(pattern: str) -> float:
+    """The paper's beta for ``pattern``: 0.5 for ``s``, 1.275 for ``s*``."""
+    return DEFAULTS[check_pattern(pattern)][1]
+
+
+def resolve_beta(beta, pattern: str) -> float:
+    """The beta actually used: the pattern's paper value when ``beta`` is None or negative (0.1.0's -1)."""
+    return pattern_beta(pattern) if beta is None or beta < 0 else float(beta)
 
 
 def check_choice(name: str, value, choices) -> str:
@@ -100,5 +110,5 @@ def check_schedule(alpha, beta, pattern) -> tuple:
     """Validated ``(alpha, resolved beta, pattern)`` of a fuse request (node, preview or command line)."""
     pattern = check_choice("pattern", pattern, PATTERNS)
     alpha = ALPHA.check("alpha", alpha)
-    beta = BETA.check("beta", beta)
+    beta = BETA.check("beta", BETA_PATTERN_DEFAULT if beta is None else beta)
     return alpha, resolve_beta(beta, pattern), pattern

@@ -7,6 +7,7 @@ before the clone is returned, so a failure leaves the user's model unpatched.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field, replace
 
 import comfy.utils
@@ -25,6 +26,7 @@ from .patching import MODE_BAKE, MODE_LIVE, MODES, FuseRun, install, make_switch
 from ..klora_core.options import (MEASURE_NOISE, MEASURES, OUTSIDE_BOTH, OUTSIDE_CHOICES, OUTSIDE_STYLE,
                                   OUTSIDE_SUBJECT, SCOPE_ALL, SCOPE_ATTENTION, SCOPES)
 from .pair_scores import score_units
+from .quantized import GGUF_LIVE_NOTE, host_live_weights, logical_shape, model_weight, storage_note
 from .units import expand, unify_layouts, unit_offset
 
 logger = logging.getLogger(__name__)
@@ -66,13 +68,17 @@ def _parse(handle: LoRAHandle, model_patcher):
     return patches, parsed.n_matched, parsed.n_unmatched
 
 
-def _check_shapes(handle: LoRAHandle, patches: dict, model_sd: dict) -> None:
-    """Every low-rank patch must fit the weight it targets (catches LoRAs for another family)."""
+def _check_shapes(handle: LoRAHandle, patches: dict, model_patcher) -> None:
+    """Every low-rank patch must fit the weight it targets (catches LoRAs for another family).
+
+    Shapes are read from the parameters (their logical shape, :func:`.quantized.logical_shape`), not from
+    ``model_state_dict()``, which holds packed placeholders for GGUF-quantized weights.
+    """
     for unit, value in patches.items():
         name = weight_name(unit)
-        weight = model_sd.get(name)
         factors = lora_factors(value)
-        if weight is None or factors is None or factors.reshape is not None:
+        weight = model_weight(model_patcher, name) if factors is not None else None
+        if weight is None or factors.reshape is not None:
             continue
         up, down, mid = factors.up, factors.down, factors.mid
         if up.dim() < 2 or down.dim() < 2 or up.flatten(1).shape[1] != down.shape[0]:
@@ -80,13 +86,15 @@ def _check_shapes(handle: LoRAHandle, patches: dict, model_sd: dict) -> None:
                 f"{handle.label()}: layer {display_key(unit)}: up {tuple(up.shape)} and down "
                 f"{tuple(down.shape)} do not share a rank; the file is corrupt"
             )
+        shape = logical_shape(weight)
         offset, _ = unit_offset(unit)
-        rows = offset[2] if offset is not None and offset[0] == 0 else weight.shape[0]
-        cols = weight[0].numel() if weight.dim() > 1 else 1
+        rows = offset[2] if offset is not None and offset[0] == 0 else shape[0]
+        cols = math.prod(shape[1:])
         if mid is None and (up.shape[0] != rows or down.flatten(1).shape[1] != cols):
             raise KLoRAError(
-                f"{handle.label()}: layer {display_key(unit)}: delta {up.shape[0]}x{down.flatten(1).shape[1]} "
-                f"does not fit the model weight {tuple(weight.shape)}; the LoRA was trained for another model"
+                f"{handle.label()}: layer {display_key(unit)}: LoRA delta {up.shape[0]}x{down.flatten(1).shape[1]} "
+                f"does not fit the model weight of shape {tuple(shape)}{storage_note(weight)}; the LoRA was "
+                "trained for another model"
             )
 
 
@@ -149,13 +157,13 @@ def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: flo
     options.check_choice("scope", scope, SCOPES)
     options.check_choice("outside_scope", outside_scope, OUTSIDE_CHOICES)
     options.check_choice("progress_measure", progress_measure, MEASURES)
-    alpha, beta, pattern = options.check_schedule(alpha, options.BETA.default if beta is None else beta, pattern)
+    alpha, beta, pattern = options.check_schedule(alpha, beta, pattern)
 
     model_sd = model_patcher.model_state_dict()
     subject_patches, s_matched, s_unmatched = _parse(subject, model_patcher)
     style_patches, t_matched, t_unmatched = _parse(style, model_patcher)
-    _check_shapes(subject, subject_patches, model_sd)
-    _check_shapes(style, style_patches, model_sd)
+    _check_shapes(subject, subject_patches, model_patcher)
+    _check_shapes(style, style_patches, model_patcher)
 
     subject_patches, style_patches, merged = unify_layouts(subject_patches, style_patches)
     shared = _model_order(model_sd, [k for k in subject_patches if k in style_patches])
@@ -208,7 +216,7 @@ def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: flo
         winner, strength = (style_patches, t_strength) if s_strength == 0.0 else (subject_patches, s_strength)
         fused.add_patches(expand(winner, switched), strength)
     else:
-        run = FuseRun(plan, progress_measure, mode)
+        run = FuseRun(plan, progress_measure, mode, host_live=host_live_weights(fused, map(weight_name, switched)))
         install(fused, run, make_switches(plan.keys, subject_patches, style_patches, s_strength, t_strength, run))
     if merged:
         notes.append(f"{len(merged)} weights are covered by both files in different layouts (e.g. a fused qkv "
@@ -225,6 +233,8 @@ def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: flo
         "subject_only": len(subject_only), "style_only": len(style_only),
         "unswitched_attention": len(flagged),
     }
+    if run is not None:
+        notes.insert(0, _mode_line(run, {weight_name(k) for k in switched}))
     report = FuseReport(
         model_family=model_family(model_patcher), subject=subject, style=style, plan=plan, stats=stats, notes=notes,
         settings=FuseSettings(pattern, alpha, beta, scope, outside_scope, progress_measure),
@@ -232,3 +242,15 @@ def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: flo
     ).text()
     logger.info("%s", report.splitlines()[0])
     return FuseResult(model=fused, report=report, plan=plan, run=run, stats=stats)
+
+
+def _mode_line(run: FuseRun, names: set) -> str:
+    """How the per-step choice reaches the weights, for the report."""
+    live = len(run.host_live & names)
+    own = "bake: a weight is re-baked when its choice flips" if run.mode == MODE_BAKE else \
+        "live: the chosen delta is added at every forward (weight wrappers)"
+    if live == len(names):
+        return f"mode {GGUF_LIVE_NOTE}, reading the current choice (nothing to re-bake)"
+    if live:
+        return f"mode {own} ({len(names) - live} weights); {GGUF_LIVE_NOTE} ({live} weights)"
+    return f"mode {own}"

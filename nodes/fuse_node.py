@@ -40,8 +40,10 @@ def _settings_inputs() -> list:
                        tooltip="Slope of the style factor over progress p (paper: 1.5). Higher favours the style "
                                "later in sampling; 0 removes the time dependence."),
         io.Float.Input("beta", default=BETA.default, min=BETA.lo, max=BETA.hi, step=BETA.step,
-                       tooltip="Offset of the style factor. -1 = the pattern's paper default (0.5 for s, 1.275 "
-                               "for s*). Higher favours the style. alpha = beta = 0 selects the subject everywhere."),
+                       tooltip="Offset of the style factor. Higher favours the style. Paper values: 0.5 for s, "
+                               "1.275 for s* (the pack's frontend switches between them with the pattern). "
+                               "A negative value (0.1.0 workflows: -1) means the pattern's paper value. "
+                               "alpha = beta = 0 selects the subject everywhere."),
         io.Combo.Input("scope", options=list(SCOPES), default=SCOPE_ATTENTION,
                        tooltip="Which weights K-LoRA switches: the attention projections (q, k, v, out) as in "
                                "the paper, or every weight both LoRAs cover."),
@@ -53,8 +55,9 @@ def _settings_inputs() -> list:
                                "schedule; right for img2img, split samplers, any scheduler) or by counting "
                                "steps within each sampling pass."),
         io.Int.Input("map_steps", default=STEPS.default, min=STEPS.lo, max=STEPS.hi, optional=True,
-                     tooltip="Columns of the selection map (set it to your sampler's steps). Only the picture "
-                             "uses it; sampling follows the sampler's real progress."),
+                     tooltip="Columns of the selection map. The pack's frontend keeps it at the steps of the "
+                             "KSampler this node feeds; set it to override. Only the picture uses it; sampling "
+                             "follows the sampler's real progress."),
     ]
 
 

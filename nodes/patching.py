@@ -26,6 +26,11 @@ current ComfyUI's dynamic VRAM mode without a non-dynamic delegate): no switch
 patches; a ComfyUI weight wrapper per weight adds the currently chosen delta to
 a copy of the weight at every forward.  Exact, but it pays the delta at every
 forward like the authors' code.
+
+Weights the host patches at every forward itself (GGUF-quantized weights under
+ComfyUI-GGUF, see :mod:`.quantized`): their switches always go into the patch
+list, which ComfyUI-GGUF applies at every forward, so the current choice is
+read live there in both modes; they are never re-baked (``FuseRun.host_live``).
 """
 from __future__ import annotations
 
@@ -72,10 +77,11 @@ class FuseRun:
     copies wrapper lists and patch lists, not the objects in them).
     """
 
-    def __init__(self, plan, measure: str = MEASURE_NOISE, mode: str = MODE_BAKE):
+    def __init__(self, plan, measure: str = MEASURE_NOISE, mode: str = MODE_BAKE, host_live=frozenset()):
         self.plan = plan
         self.measure = measure
         self.mode = mode
+        self.host_live = frozenset(host_live)  # weight names the host patches at every forward (GGUF)
         self.tracker = ChoiceTracker(plan, initial_progress=0.0)
         self._meter = None
         self._meter_sigmas = None
@@ -120,7 +126,7 @@ class FuseRun:
 
     def rebake(self, patcher, unit_keys) -> int:
         """Re-compute the baked weights behind ``unit_keys`` from their originals."""
-        names = dict.fromkeys(weight_name(k) for k in unit_keys)
+        names = dict.fromkeys(n for n in (weight_name(k) for k in unit_keys) if n not in self.host_live)
         count = 0
         for name in names:
             backup = patcher.backup.get(name)
@@ -178,12 +184,17 @@ def install(model_patcher, run: FuseRun, switches: dict, strength: float = 1.0) 
     missing = [k for k in switches if weight_name(k) not in model_sd]
     if missing:
         raise RuntimeError(f"K-LoRA: the model has no weight for {missing[:3]} (and {max(len(missing) - 3, 0)} more)")
+    # The host applies its own patches live for these (and ignores weight wrappers there): patch list.
+    host_live = {k: s for k, s in switches.items() if weight_name(k) in run.host_live}
     if run.mode == MODE_LIVE:
         by_weight: dict = {}
         for unit, switch in switches.items():
-            by_weight.setdefault(weight_name(unit), []).append((unit, switch))
+            if unit not in host_live:
+                by_weight.setdefault(weight_name(unit), []).append((unit, switch))
         for name, entries in by_weight.items():
             model_patcher.add_weight_wrapper(name, LiveSwitches(name, entries))
+        if host_live:
+            model_patcher.add_patches(host_live, strength)
     else:
         model_patcher.add_patches(switches, strength)
     model_patcher.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, OUTER_SAMPLE_KEY, run.outer_sample)

@@ -222,14 +222,15 @@ class Graph:
         return prompt
 
 
-FUSE_SIZE = [400, 700]  # room for the live preview and, after a run, the map image
+FUSE_SIZE = [400, 470]  # the widgets and the live preview; after a run web/klora.js grows it for the report
 LOADER_SIZE = [320, 130]
 
 NOTE_COMMON = (
     "K-LoRA picks ONE of the two LoRA deltas for every attention weight at every step: "
     "the subject's where T_S / gamma > T_T * scale(p), else the style's. The live map on "
     "'K-LoRA Fuse' (blue = subject, orange = style) follows alpha, beta, pattern and the loaders "
-    "as you edit; after a run the node shows the same map for the real run.\n\n"
+    "as you edit, and map_steps follows the KSampler's steps; after a run the node shows the report and the "
+    "same map for the real run.\n\n"
 )
 
 PROMPT = "a sks dog in watercolor painting style"
@@ -270,11 +271,11 @@ def add_prompt(g: Graph, clip, y: int, title: str) -> int:
 
 
 def checkpoint_front(g: Graph, ckpt_name: str, family: str, map_steps: int, negative: str) -> tuple:
-    """The SD1.5/SDXL layout: checkpoint -> LoRA loaders -> K-LoRA Fuse (pattern s, beta -1) and the
+    """The SD1.5/SDXL layout: checkpoint -> LoRA loaders -> K-LoRA Fuse (pattern s, beta 0.5) and the
     positive and negative prompts.  Returns the node ids ``(ckpt, fuse, positive, negative)``."""
     ckpt = g.add("CheckpointLoaderSimple", [0, 40], [320, 100], {"ckpt_name": ckpt_name})
     subject, style = add_lora_loaders(g, family, (ckpt, 1), 200, 380)
-    fuse = add_fuse(g, (ckpt, 0), subject, style, "s", -1.0, map_steps)
+    fuse = add_fuse(g, (ckpt, 0), subject, style, "s", 0.5, map_steps)
     pos = add_prompt(g, (style, 1), 560, "Positive prompt")
     neg = g.add("CLIPTextEncode", [0, 730], [380, 100], {"text": negative}, {"clip": (style, 1)},
                 title="Negative prompt", color=NEGATIVE_COLOR)
@@ -283,7 +284,8 @@ def checkpoint_front(g: Graph, ckpt_name: str, family: str, map_steps: int, nega
 
 def add_empty_latent(g: Graph, node_type: str, size: int) -> int:
     """An empty ``size`` x ``size`` pixel latent, batch 1 (``EmptyLatentImage`` or ``EmptySD3LatentImage``)."""
-    return g.add(node_type, [380, 800], [300, 110], {"width": size, "height": size, "batch_size": 1})
+    # Below K-LoRA Fuse, which web/klora.js grows after a run (report and map image).
+    return g.add(node_type, [380, 960], [300, 110], {"width": size, "height": size, "batch_size": 1})
 
 
 def add_sampling(g: Graph, fuse: int, positive, negative, latent, vae, steps: int, cfg: float, scheduler: str,
@@ -311,8 +313,8 @@ def sdxl() -> Graph:
         "watercolor painting style': 'sks' is the subject LoRA's DreamBooth token, 'watercolor painting "
         "style' the style LoRA's trigger words. Replace both with YOUR LoRAs' trigger words.\n\n"
         + NOTE_COMMON +
-        "Defaults as in the paper: pattern s, alpha 1.5, beta -1 (= 0.5), attention projections, "
-        "50 steps (set map_steps to your step count). Higher beta or alpha favours the style."
+        "Defaults as in the paper: pattern s, alpha 1.5, beta 0.5, attention projections, "
+        "50 steps. Higher beta or alpha favours the style."
     ))
     ckpt, fuse, pos, neg = checkpoint_front(g, "sd_xl_base_1.0.safetensors", "sdxl", 50, "")
     latent = add_empty_latent(g, "EmptyLatentImage", 1024)
@@ -362,7 +364,7 @@ def sd15() -> Graph:
         "Prompt: 'a sks dog in watercolor painting style': 'sks dog' is the subject LoRA's trigger word "
         "and class, 'watercolor painting style' the style LoRA's trigger words; use your LoRAs' own.\n\n"
         + NOTE_COMMON +
-        "Pattern s, alpha 1.5, beta -1 (= 0.5), 30 steps (map_steps = 30)."
+        "Pattern s, alpha 1.5, beta 0.5, 30 steps."
     ))
     ckpt, fuse, pos, neg = checkpoint_front(g, "v1-5-pruned-emaonly-fp16.safetensors", "sd15", 30,
                                             "blurry, low quality")
@@ -389,11 +391,11 @@ def img2img() -> Graph:
     ))
     ckpt, fuse, pos, neg = checkpoint_front(g, "v1-5-pruned-emaonly-fp16.safetensors", "sd15", 30,
                                             "blurry, low quality")
-    image = g.add("LoadImage", [380, 800], [300, 320], {"image": "example.png"})
-    scaled = g.add("ImageScale", [380, 1160], [300, 130],
+    image = g.add("LoadImage", [380, 960], [300, 320], {"image": "example.png"})
+    scaled = g.add("ImageScale", [380, 1320], [300, 130],
                    {"upscale_method": "bicubic", "width": 512, "height": 512, "crop": "center"},
                    {"image": (image, 0)})
-    encode = g.add("VAEEncode", [820, 880], [220, 50], links={"pixels": (scaled, 0), "vae": (ckpt, 2)})
+    encode = g.add("VAEEncode", [820, 960], [220, 50], links={"pixels": (scaled, 0), "vae": (ckpt, 2)})
     add_sampling(g, fuse, (pos, 0), (neg, 0), (encode, 0), (ckpt, 2), 30, 7.5, "normal", 0.6, "klora/img2img")
     return g
 

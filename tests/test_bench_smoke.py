@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """Smoke test of the benchmark: ``bench/bench.py --quick`` produces the table, the JSON and the .md.
 
-Runs the real driver (tiny model, a few seconds per part; about 30-60 s on
+Runs the real driver (tiny model, a few seconds per part; about 60-90 s on
 this project's 2-core CPU machine, most of it process start-up and ComfyUI
 imports) with the interpreter running pytest, into a temporary folder, so
 the committed results in bench/results are never touched.
@@ -17,6 +17,7 @@ import time
 import pytest
 
 from support import comfy_env
+from support import gguf_pack
 
 REPO = comfy_env.REPO_ROOT
 
@@ -47,7 +48,7 @@ def test_bench_quick_writes_table_and_json(tmp_path):
     data = json.loads(js.read_text())
     assert data["quick"] is True
     assert data["machine"]["torch_threads"] == 1
-    for part in ("sampling", "scoring", "memory"):
+    for part in ("sampling", "scoring", "memory", "quantized"):
         assert part in data, part
     rank = data["sampling"]["ranks"]["4"]
     assert set(rank["median"]) == {"klora", "merge", "peer"}
@@ -57,5 +58,13 @@ def test_bench_quick_writes_table_and_json(tmp_path):
     assert data["scoring"]["fused_kernel"] == "skipped (no GPU)"
     assert "skipped (no GPU)" in proc.stdout
     assert data["memory"]["klora"]["peak_rss_mib"] > 0 and data["memory"]["merge"]["peak_rss_mib"] > 0
+    fp8 = data["quantized"]["formats"]["fp8_e4m3fn"]  # (e): baked, re-baked at flips
+    assert fp8["median"]["klora"] > 0 and fp8["median"]["merge"] > 0 and fp8["rebaked_per_image"][-1] > 0
+    gguf = data["quantized"]["formats"]["Q8_0"]  # live through the real ComfyUI-GGUF (a string: skipped, why)
+    if isinstance(gguf, str):
+        gguf_pack.require()  # skips (or fails under CI) with the reason when ComfyUI-GGUF is unavailable here
+        pytest.fail(f"the benchmark skipped GGUF although the tests can run it: {gguf}")
+    assert gguf["rebaked_per_image"] == [0] * len(gguf["rebaked_per_image"]) and gguf["host_live_weights"] > 0
+    assert "| (e) quantized | GGUF Q8_0" in proc.stdout
     # generous bound: the target is < 60 s, but other jobs share this machine's two cores
     assert elapsed < 240, f"quick benchmark took {elapsed:.0f} s"

@@ -3,7 +3,7 @@
 
 Each file below is given to the three entry points as they run in the
 product: the loader node's ``make_handle``, the preview route's file step
-(``nodes/routes.py``), and ``python -m klora_core map`` (in-process).  What
+(``nodes/preview_scores.py``), and ``python -m klora_core map`` (in-process).  What
 the reader says about the file (its message without the caller's label) is
 computed here once, by :func:`klora_core.safe_load.load_tensors`, and must
 appear word for word in all three answers.  Files the policy accepts (a
@@ -99,7 +99,7 @@ def _cli_error(capsys, path: Path, style: Path, out: Path) -> str:
 @pytest.mark.parametrize("name", BAD_FILES)
 def test_node_route_and_cli_say_the_same(klora_pack, tmp_path, capsys, name):
     from klora_pack.klora_core.errors import KLoRAError as PackError
-    from klora_pack.nodes import routes
+    from klora_pack.nodes import preview_scores
     from klora_pack.nodes.handles import make_handle
 
     subject, good, style = _demo_pair(tmp_path)
@@ -111,7 +111,7 @@ def test_node_route_and_cli_say_the_same(klora_pack, tmp_path, capsys, name):
         make_handle("subject", name, str(path), 1.0)
     assert str(node.value) == f"subject LoRA '{name}': {said}"
     with pytest.raises(PackError) as route:
-        routes._modules(str(path), f"subject LoRA '{name}'")
+        preview_scores._modules(str(path), f"subject LoRA '{name}'")
     assert str(route.value) == f"subject LoRA '{name}': {said}"
     assert _cli_error(capsys, path, style, tmp_path / "map.png") == f"klora: error: subject LoRA: {said}"
     assert not marker.exists(), "a pickle payload ran"
@@ -121,7 +121,7 @@ def test_node_route_and_cli_say_the_same(klora_pack, tmp_path, capsys, name):
 def test_weights_only_pickle_reads_like_its_safetensors_twin(klora_pack, tmp_path, capsys):
     """A .pt of plain tensors: the same tensors for node and route, the same table from the command line."""
     from klora_core.cli import main as cli
-    from klora_pack.nodes import routes
+    from klora_pack.nodes import preview_scores
     from klora_pack.nodes.handles import make_handle
 
     subject, good, style = _demo_pair(tmp_path)
@@ -130,8 +130,8 @@ def test_weights_only_pickle_reads_like_its_safetensors_twin(klora_pack, tmp_pat
     node_pt = make_handle("subject", pt.name, str(pt), 1.0).state_dict
     node_st = make_handle("subject", good.name, str(good), 1.0).state_dict
     assert node_pt.keys() == node_st.keys() and all(torch.equal(node_pt[k], node_st[k]) for k in node_st)
-    route_pt = routes._modules(str(pt), "subject")
-    route_st = routes._modules(str(good), "subject")
+    route_pt = preview_scores._modules(str(pt), "subject")
+    route_st = preview_scores._modules(str(good), "subject")
     assert list(route_pt) == list(route_st)
     assert all(torch.equal(route_pt[k][0], route_st[k][0]) and torch.equal(route_pt[k][1], route_st[k][1])
                for k in route_st)

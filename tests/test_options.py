@@ -17,7 +17,7 @@ from klora_core.cli import main as cli
 DOCUMENTED = {
     "strength": (-100.0, 100.0, 1.0),
     "alpha": (0.0, 10.0, 1.5),
-    "beta": (-1.0, 10.0, -1.0),
+    "beta": (-1.0, 10.0, 0.5),  # 0.1.0: default -1 (= the pattern's value; still accepted, same meaning)
     "steps": (1, 150, 20),
 }
 

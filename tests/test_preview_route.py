@@ -390,3 +390,20 @@ def test_preview_equals_the_nodes_own_plan(live, klora_pack, settings):
         node_key = next(k for k in node_selection if (k if isinstance(k, str) else k[0]) == model_key)
         node_row = "".join("1" if c else "0" for c in node_selection[node_key])
         assert preview_rows[canonical] == node_row, canonical
+
+
+def test_options_route_gives_the_frontend_the_paper_values(live):
+    """web/klora.js switches beta with the pattern using these (the paper's values, docs/method.md)."""
+    status, answer, _ = call(live, path="/klora/options")
+    assert status == 200
+    assert answer["pattern_beta"] == {"s": 0.5, "s*": 1.275}
+    assert answer["beta"] == {"min": -1.0, "max": 10.0, "default": 0.5}
+    assert answer["map_steps"] == {"min": 1, "max": 150, "default": 20}
+
+
+def test_omitted_beta_is_the_patterns_value(live):
+    """Omitted (or negative, as 0.1.0 workflows hold) beta is the pattern's paper value, not a fixed default."""
+    for pattern, value in (("s", 0.5), ("s*", 1.275)):
+        for extra in ({}, {"beta": -1}, {"beta": -0.5}):
+            status, answer, _ = call(live, base(live, pattern=pattern, **extra))
+            assert status == 200 and answer["beta"] == value, (pattern, extra, answer.get("beta"))

@@ -146,7 +146,7 @@ def test_object_info_lists_the_nodes(server):
     assert [req[k][0] for k in ("model", "subject", "style")] == ["MODEL", "KLORA_SUBJECT", "KLORA_STYLE"]
     assert _choices(req["pattern"]) == ["s", "s*"]
     assert req["alpha"][0] == "FLOAT" and req["alpha"][1]["default"] == 1.5
-    assert req["beta"][0] == "FLOAT" and req["beta"][1]["default"] == -1.0
+    assert req["beta"][0] == "FLOAT" and req["beta"][1]["default"] == 0.5  # s's paper value (0.1.0: -1)
     assert _choices(req["scope"]) == ["attention projections", "all shared weights"]
     assert _choices(req["outside_scope"]) == ["both", "subject", "style", "none"]
     assert _choices(req["progress_measure"]) == ["noise level", "step count"]

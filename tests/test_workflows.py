@@ -58,7 +58,7 @@ def test_fuse_settings_follow_the_paper():
     fuse = {name: next(n for n in wt.load_api(name).values() if n["class_type"] == "KLoRAFuse")["inputs"]
             for name in wt.WORKFLOW_NAMES}
     sdxl = fuse["klora_sdxl_subject_style"]
-    assert (sdxl["pattern"], sdxl["alpha"], sdxl["beta"], sdxl["scope"]) == ("s", 1.5, -1.0, "attention projections")
+    assert (sdxl["pattern"], sdxl["alpha"], sdxl["beta"], sdxl["scope"]) == ("s", 1.5, 0.5, "attention projections")
     flux = fuse["klora_flux_s_star"]
     assert (flux["pattern"], flux["alpha"], flux["beta"]) == ("s*", 1.5, 1.275)
     for name, inputs in fuse.items():
@@ -94,3 +94,30 @@ def test_api_workflow_runs_on_small_models(live, name):
     pattern = prompt[fuse_id]["inputs"]["pattern"]
     assert f"pattern {pattern}," in report and "gamma" in report, report
     assert "24 weights switch per step" in report, report
+
+
+def test_a_workflow_saved_with_0_1_0_runs_identically(live):
+    """0.1.0 saved beta -1 ("the pattern's paper value"); the default is now that value itself (0.5 for s).
+    The saved API workflow must run, and give the same image as with beta 0.5 written out."""
+    import json
+
+    from PIL import Image
+
+    legacy = wt.adapt_api(json.loads((wt.REPO_ROOT / "tests" / "data" / "workflow_0.1.0_sd15_api.json")
+                                     .read_text(encoding="utf-8")), live.names)
+    fuse_id = next(k for k, v in legacy.items() if v["class_type"] == "KLoRAFuse")
+    save_id = next(k for k, v in legacy.items() if v["class_type"] == "SaveImage")
+    sampler_id = next(k for k, v in legacy.items() if v["class_type"] == "KSampler")
+    assert legacy[fuse_id]["inputs"]["beta"] == -1.0 and legacy[fuse_id]["inputs"]["pattern"] == "s"
+    legacy[sampler_id]["inputs"]["seed"] = 90210  # not answered from an earlier test's cache
+    explicit = json.loads(json.dumps(legacy))
+    explicit[fuse_id]["inputs"]["beta"] = 0.5
+    images, reports = [], []
+    for prompt, tag in ((legacy, "legacy"), (explicit, "explicit")):
+        prompt[save_id]["inputs"]["filename_prefix"] = f"klora/legacy_{tag}"
+        entry = live.server.run(prompt, timeout=240)
+        with Image.open(live.server.output_file(entry, save_id)) as image:
+            images.append(image.tobytes())
+        reports.append(entry["outputs"][fuse_id]["text"][0])
+    assert images[0] == images[1]
+    assert "beta 0.5;" in reports[0] and reports[0] == reports[1]

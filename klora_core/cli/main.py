@@ -12,11 +12,15 @@ the per-step table, the map, and the keys only one LoRA covers (optionally
 as JSON).  No ComfyUI is needed.
 
 Exit status: 0 on success, 1 when an input cannot be used (one line on
-stderr, ``klora: error: ...``), 2 for invalid command-line usage.
+stderr, ``klora: error: ...``), 2 for invalid command-line usage (argparse's
+own errors, a mistyped option with a suggestion, and :class:`UsageError`).
+A missing package (torch, numpy, safetensors, Pillow) is one line too, the
+same for every subcommand (:mod:`klora_core.cli.packages`).
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import math
 import os
@@ -25,7 +29,8 @@ import sys
 from .. import options
 from ..errors import KLoRAError
 from ..options import ALPHA, BETA, CLI_SCOPES, PATTERNS, STEPS, STRENGTH
-from .arg_types import option_value
+from .arg_types import UsageError, option_value
+from .packages import missing_message, missing_packages, package_of
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +52,10 @@ examples:
   %(prog)s dog.safetensors ink.safetensors --pattern 's*' --out ink_map.png
 
 Without SUBJECT and STYLE the seeded demo pair (demo_subject.safetensors,
-demo_style.safetensors; small SD1.5-like attention layout) is written next to
---out and used.  Files are read as the ComfyUI nodes read them: .safetensors,
-or .pt/.pth/.ckpt/.bin/.pkl with torch's weights-only loader (which refuses
+demo_style.safetensors: the 24 attention projections of the demo SD1.5-shaped
+UNet, the pair `bash scripts/demo.sh` renders with) is written next to --out
+and used.  Files are read as the ComfyUI nodes read them: .safetensors, or
+.pt/.pth/.ckpt/.bin/.pkl with torch's weights-only loader (which refuses
 embedded code); kohya, diffusers and PEFT key names (the same layer named by
 different conventions is paired).
 Exit status: 0 ok, 1 unusable input (one line on stderr), 2 bad usage."""
@@ -89,10 +95,27 @@ Exit status: 0 ok, 1 unusable input (one line on stderr), 2 bad usage."""
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line error message."""
+    """argparse with a one-line error message, no prefix matching (``--step`` is not ``--steps``: a typo
+    must be an error) and a suggestion for a mistyped option."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):  # noqa: D401 - argparse API
-        self.exit(2, f"klora: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"klora: error: {message}{self._suggestion(message)} (see {self.prog} --help)\n")
+
+    def _suggestion(self, message: str) -> str:
+        """``"; did you mean --steps?"`` for the first unrecognized ``--option`` close to a known one."""
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        known = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+        for word in message.split(":", 1)[1].split():
+            if word.startswith("--"):
+                close = difflib.get_close_matches(word.split("=", 1)[0], known, n=1, cutoff=0.6)
+                if close:
+                    return f"; did you mean {close[0]}?"
+        return ""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score a subject/style LoRA pair and draw the K-LoRA selection map.", epilog=_MAP_EPILOG,
     )
     _add_pair_arguments(m)
-    m.set_defaults(func=run_map)
+    m.set_defaults(func=run_map, check=check_pair_usage)
     i = sub.add_parser(
         "inspect", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="report everything K-LoRA computes for a LoRA pair: formats, family, gamma, per-weight "
@@ -117,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_pair_arguments(i)
     i.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON to FILE")
-    i.set_defaults(func=run_inspect)
+    i.set_defaults(func=run_inspect, check=check_pair_usage)
     from .run_command import add_run_parser  # `run`: render through a real ComfyUI server
 
     add_run_parser(sub)
@@ -137,9 +160,9 @@ def _add_pair_arguments(m: argparse.ArgumentParser) -> None:
                         "s* = (alpha*p + beta) mod alpha (supplement; suits FLUX) (default s)")
     m.add_argument("--alpha", type=option_value(ALPHA, "--alpha"), default=ALPHA.default,
                    help=f"schedule slope, {ALPHA.lo:g}-{ALPHA.hi:g} (default {ALPHA.default:g})")
-    m.add_argument("--beta", type=option_value(BETA, "--beta"), default=BETA.default,
-                   help=f"schedule offset, 0-{BETA.hi:g}; a negative value = the pattern's default "
-                        "(0.5 for s, 1.275 for s*) (default -1)")
+    m.add_argument("--beta", type=option_value(BETA, "--beta"), default=None,
+                   help=f"schedule offset, 0-{BETA.hi:g}; higher gives the style more steps "
+                        "(default: the pattern's paper value, 0.5 for s, 1.275 for s*; so does -1)")
     m.add_argument("--subject-strength", type=option_value(STRENGTH, "--subject-strength"),
                    default=STRENGTH.default, metavar="X",
                    help="subject LoRA strength (scales its delta; the choice itself is invariant to it) (default 1)")
@@ -152,7 +175,8 @@ def _add_pair_arguments(m: argparse.ArgumentParser) -> None:
     m.add_argument("--out", default="selection_map.png", metavar="PNG", help="where to write the map (default selection_map.png)")
     m.add_argument("--table", action="store_true", help="print the per-weight table (scores and S/T per step) to stdout")
     m.add_argument("--title", default=None, help="first title line of the map")
-    m.add_argument("--seed", type=int, default=None, help="seed of the generated demo pair (default 2025; demo only)")
+    m.add_argument("--seed", type=int, default=None,
+                   help="seed of the generated demo pair (default 2025, as scripts/demo.sh; demo only)")
     m.add_argument("-v", "--verbose", action="store_true", help="log what is read and paired to stderr")
 
 
@@ -182,8 +206,6 @@ def _load_pair(args, info=None):
     from ..lora_file import detect_family
     from ..weight_keys import is_attention_name
 
-    if (args.subject is None) != (args.style is None):
-        raise KLoRAError("give both SUBJECT and STYLE LoRA files, or neither for the demo pair")
     if args.subject is None:
         from .demo_pair import DEFAULT_SEED, save_demo_pair
 
@@ -224,12 +246,18 @@ def _load_pair(args, info=None):
     return subject, style
 
 
+def check_pair_usage(args) -> None:
+    """What argparse cannot check for ``map``/``inspect``: both files or neither, a PNG ``--out``."""
+    if (args.subject is None) != (args.style is None):
+        raise UsageError("give both SUBJECT and STYLE LoRA files, or neither for the demo pair")
+    if not args.out.lower().endswith(".png"):
+        raise UsageError(f"--out {args.out}: the selection map is written as PNG; use a .png file name")
+
+
 def run_map(args) -> int:
     from ..plan import build_plan
     from ..render import render_selection_map, selection_table
 
-    if not args.out.lower().endswith(".png"):
-        raise KLoRAError(f"{args.out}: the selection map is written as PNG; use a .png file name")
     folder = os.path.dirname(os.path.abspath(args.out))
     try:
         os.makedirs(folder, exist_ok=True)
@@ -265,7 +293,7 @@ def run_inspect(args) -> int:
     from ..render import _schedule_text, render_selection_map
 
     if not args.out.lower().endswith(".png"):
-        raise KLoRAError(f"{args.out}: the selection map is written as PNG; use a .png file name")
+        raise UsageError(f"--out {args.out}: the selection map is written as PNG; use a .png file name")
     for target in (args.out, args.json):
         if target is None:
             continue
@@ -353,23 +381,50 @@ def run_inspect(args) -> int:
     return 0
 
 
+def parse_arguments(parser: argparse.ArgumentParser, argv=None):
+    """``parser.parse_args(argv)``, but an unknown option is reported by its subcommand's parser: the
+    message then says ``see python -m klora_core run --help`` and suggests that command's own options."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        commands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="klora: %(levelname)s: %(message)s", stream=sys.stderr)
     try:
+        args.check(args)  # usage first: exit 2 whatever is installed
+        missing = missing_packages()
+        if missing:
+            raise KLoRAError(missing_message(args.command, missing))
         return args.func(args)
+    except UsageError as exc:
+        sys.stderr.write(f"klora: error: {exc} (see {PROG} {args.command} --help)\n")
+        return 2
     except KLoRAError as exc:
         sys.stderr.write(f"klora: error: {exc}\n")
+        return 1
+    except ImportError as exc:  # a package that imported above but fails deeper down (a broken install)
+        if package_of(exc) is None or getattr(args, "verbose", False):
+            return _unexpected(exc, args)
+        sys.stderr.write(f"klora: error: {missing_message(args.command, [package_of(exc)])} ({exc})\n")
         return 1
     except KeyboardInterrupt:
         sys.stderr.write("klora: interrupted\n")
         return 130
     except Exception as exc:  # anything unforeseen: still one line and a non-zero status
-        if getattr(args, "verbose", False):
-            raise
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        sys.stderr.write(f"klora: error: unexpected {type(exc).__name__}{': ' + detail if detail else ''} "
-                         "(run again with -v for the traceback)\n")
-        return 1
+        return _unexpected(exc, args)
+
+
+def _unexpected(exc: Exception, args) -> int:
+    """One line for an error nobody foresaw (the traceback with -v); status 1."""
+    if getattr(args, "verbose", False):
+        raise exc
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    sys.stderr.write(f"klora: error: unexpected {type(exc).__name__}{': ' + detail if detail else ''} "
+                     "(run again with -v for the traceback)\n")
+    return 1

@@ -78,7 +78,7 @@ class BruteForce:
         for truth_s, truth_t, (ss, st), a, b, pat in [(subject_truth, style_truth, strengths, alpha, beta, pattern),
                                                       *more_pairs]:
             subject, style = units_of(truth_s, ss), units_of(truth_t, st)
-            rows = {name: p.shape[0] for name, p in self.model.named_parameters()}
+            rows = {name: p.shape[0] for name, p in self.model.named_parameters() if p.dim()}
             merge_mismatched_layouts(subject, style, rows)
             self.pairs.append((subject, style, klora_reference.reference_plan(subject, style, a, b, pat)))
         self.subject, self.style, self.plan = self.pairs[0]
