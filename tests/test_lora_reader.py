@@ -34,9 +34,9 @@ class _Marker:
 
 
 def _demo_pair(folder: Path):
-    from klora_core.cli.demo_pair import make_demo_pair
+    from klora_core.cli.demo_models import make_lora_pair
 
-    subject, style = make_demo_pair(seed=7)
+    subject, style = make_lora_pair(7)
     save_file(subject, str(folder / "subject.safetensors"))
     save_file(style, str(folder / "style.safetensors"))
     return subject, folder / "subject.safetensors", folder / "style.safetensors"
