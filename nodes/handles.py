@@ -51,7 +51,7 @@ class LoRAHandle:
 
 
 def file_signature(path: str) -> str:
-    """Changes whenever the file is replaced or rewritten (the loaders' fingerprint_inputs), even with its mtime set back."""
+    """Changes whenever the file is replaced or rewritten, even with its mtime set back (fingerprint_inputs)."""
     try:
         st = os.stat(path)
     except OSError:
