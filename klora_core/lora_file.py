@@ -30,6 +30,7 @@ import re
 from typing import Iterable, Mapping, Union
 
 from .errors import KLoRAError
+from .name_aliases import comfy_spelling
 from .safe_load import load_tensors
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ _PREFIXES = (
     ("model.diffusion_model.", ""),
     ("diffusion_model.", ""),
     ("lora_unet_", ""),
+    ("lora_prior_unet_", ""),
     ("lora_transformer_", ""),
     ("unet.", ""),
     ("transformer.", ""),
@@ -86,14 +88,18 @@ def canonical_module_name(name: str) -> str:
     level (``to_out`` there becomes ``to_out_0``), write every ``.`` as ``_``,
     and rename the attention blocks of an LDM-named UNet (``input_blocks_4_1_``,
     ``middle_block_1_``, ``output_blocks_0_1_`` as kohya's SDXL trainer writes)
-    to their diffusers names (``down_blocks_1_attentions_0_`` ...).
+    to their diffusers names (``down_blocks_1_attentions_0_`` ...).  Diffusers-port
+    names of DiT families that differ from ComfyUI's only by name (Wan's
+    ``blocks_0_attn1_to_q`` = ``blocks_0_self_attn_q``, ...) take ComfyUI's spelling
+    (:mod:`klora_core.name_aliases`).
 
     Limits: the LDM renaming assumes two res blocks per UNet level (SD1.x,
     SD2.x, SDXL) and covers only attention blocks (res blocks, up/down
     samplers and conv_in/out keep LDM names, so they pair only with files
-    that use the same names).  FLUX files in the BFL layout (``double_blocks``,
-    fused ``qkv``) cannot pair with diffusers-layout FLUX files (separate
-    ``to_q``/``to_k``/``to_v``).  Text-encoder naming is normalised by prefix only.
+    that use the same names).  Files in ComfyUI's layout with fused weights
+    (FLUX/Chroma/HunyuanVideo ``double_blocks``, SD3.5, PixArt, Lumina 2 and
+    Z-Image ``qkv``) cannot pair with diffusers-port files that split them
+    (separate ``to_q``/``to_k``/``to_v``).  Text-encoder naming is normalised by prefix only.
     """
     out = name
     changed = True
@@ -109,6 +115,8 @@ def canonical_module_name(name: str) -> str:
         if out.endswith(".to_out"):
             out += ".0"
     out = out.replace(".", "_")
+    if not out.startswith(("te1_", "te2_")):
+        out = comfy_spelling(out)
     m = _LDM_INPUT.match(out)
     if m:
         n = int(m["n"]) - 1

@@ -93,9 +93,16 @@ def _check_shapes(handle: LoRAHandle, patches: dict, model_patcher) -> None:
         if mid is None and (up.shape[0] != rows or down.flatten(1).shape[1] != cols):
             raise KLoRAError(
                 f"{handle.label()}: layer {display_key(unit)}: LoRA delta {up.shape[0]}x{down.flatten(1).shape[1]} "
-                f"does not fit the model weight of shape {tuple(shape)}{storage_note(weight)}; the LoRA was "
+                f"does not fit {_target_text(offset, rows, cols, shape)}{storage_note(weight)}; the LoRA was "
                 "trained for another model"
             )
+
+
+def _target_text(offset, rows: int, cols: int, shape) -> str:
+    """What a delta must fit: the weight, or its slice (a q/k/v part of a fused weight has its own width)."""
+    if offset is None or offset[0] != 0:
+        return f"the model weight of shape {tuple(shape)}"
+    return f"rows {offset[1]}..{offset[1] + rows} ({rows}x{cols}) of the model weight of shape {tuple(shape)}"
 
 
 def _model_order(model_sd: dict, units) -> list:

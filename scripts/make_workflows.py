@@ -2,7 +2,7 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """Write the example workflows in workflows/ (UI format) and workflows/api/ (API format).
 
-    python scripts/make_workflows.py            # rewrite all eight files
+    python scripts/make_workflows.py            # rewrite every file
     python scripts/make_workflows.py --check    # exit 1 if a file differs from what would be written
 
 One description per workflow produces both formats, so the graph the UI loads
@@ -35,6 +35,11 @@ WIDGETS = {
     "CheckpointLoaderSimple": ["ckpt_name"],
     "UNETLoader": ["unet_name", "weight_dtype"],
     "DualCLIPLoader": ["clip_name1", "clip_name2", "type", "device"],
+    "CLIPLoader": ["clip_name", "type", "device"],
+    "ModelSamplingSD3": ["shift"],
+    "ModelSamplingAuraFlow": ["shift"],
+    "EmptyHunyuanLatentVideo": ["width", "height", "length", "batch_size"],
+    "SaveAnimatedWEBP": ["filename_prefix", "fps", "lossless", "quality", "method"],
     "VAELoader": ["vae_name"],
     "KLoRASubjectLoader": ["lora_name", "strength", "strength_clip"],
     "KLoRAStyleLoader": ["lora_name", "strength", "strength_clip"],
@@ -55,6 +60,9 @@ WIDGETS = {
 }
 # Socket inputs (name, type) of each node type, in definition order.
 SOCKETS = {
+    "ModelSamplingSD3": [("model", "MODEL")],
+    "ModelSamplingAuraFlow": [("model", "MODEL")],
+    "SaveAnimatedWEBP": [("images", "IMAGE")],
     "KLoRASubjectLoader": [("clip", "CLIP")],
     "KLoRAStyleLoader": [("clip", "CLIP")],
     "KLoRAFuse": [("model", "MODEL"), ("subject", "KLORA_SUBJECT"), ("style", "KLORA_STYLE")],
@@ -73,6 +81,10 @@ OUTPUTS = {
     "CheckpointLoaderSimple": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
     "UNETLoader": [("MODEL", "MODEL")],
     "DualCLIPLoader": [("CLIP", "CLIP")],
+    "CLIPLoader": [("CLIP", "CLIP")],
+    "ModelSamplingSD3": [("MODEL", "MODEL")],
+    "ModelSamplingAuraFlow": [("MODEL", "MODEL")],
+    "EmptyHunyuanLatentVideo": [("LATENT", "LATENT")],
     "VAELoader": [("VAE", "VAE")],
     "KLoRASubjectLoader": [("subject", "KLORA_SUBJECT"), ("clip", "CLIP")],
     "KLoRAStyleLoader": [("style", "KLORA_STYLE"), ("clip", "CLIP")],
@@ -94,7 +106,9 @@ TITLES = {"KLoRASubjectLoader": "Load Subject LoRA", "KLoRAStyleLoader": "Load S
           "UNETLoader": "Load Diffusion Model", "VAELoader": "Load VAE", "CLIPTextEncode": "CLIP Text Encode (Prompt)",
           "EmptyLatentImage": "Empty Latent Image", "VAEDecode": "VAE Decode", "VAEEncode": "VAE Encode",
           "SaveImage": "Save Image", "PreviewImage": "Preview Image", "LoadImage": "Load Image",
-          "ImageScale": "Upscale Image"}
+          "ImageScale": "Upscale Image", "CLIPLoader": "Load CLIP", "ModelSamplingSD3": "ModelSamplingSD3",
+          "ModelSamplingAuraFlow": "ModelSamplingAuraFlow", "EmptyHunyuanLatentVideo": "Empty HunyuanVideo 1.0 Latent",
+          "SaveAnimatedWEBP": "SaveAnimatedWEBP"}
 
 
 class Graph:
@@ -289,15 +303,17 @@ def add_empty_latent(g: Graph, node_type: str, size: int) -> int:
 
 
 def add_sampling(g: Graph, fuse: int, positive, negative, latent, vae, steps: int, cfg: float, scheduler: str,
-                 denoise: float, prefix: str) -> None:
-    """KSampler (seed 0, euler) on the fused model -> VAE Decode -> Save Image (``prefix``), and a
-    Preview Image of K-LoRA Fuse's selection map."""
+                 denoise: float, prefix: str, sampler_name: str = "euler", save: tuple = None) -> None:
+    """KSampler (seed 0) on the fused model -> VAE Decode -> Save Image (``prefix``), and a
+    Preview Image of K-LoRA Fuse's selection map.  ``save``: ``(node type, widgets)`` of another
+    saving node (an animation for video models) instead of Save Image."""
     sampler = g.add("KSampler", [820, 40], [300, 270],
-                    {"seed": 0, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": scheduler,
+                    {"seed": 0, "steps": steps, "cfg": cfg, "sampler_name": sampler_name, "scheduler": scheduler,
                      "denoise": denoise},
                     {"model": (fuse, 0), "positive": positive, "negative": negative, "latent_image": latent})
     decode = g.add("VAEDecode", [820, 360], [220, 50], links={"samples": (sampler, 0), "vae": vae})
-    g.add("SaveImage", [1180, 40], [400, 440], {"filename_prefix": prefix}, {"images": (decode, 0)})
+    save_type, widgets = save or ("SaveImage", {"filename_prefix": prefix})
+    g.add(save_type, [1180, 40], [400, 440], widgets, {"images": (decode, 0)})
     g.add("PreviewImage", [820, 460], [320, 360], links={"images": (fuse, 2)}, title="Selection map")
 
 
@@ -400,7 +416,92 @@ def img2img() -> Graph:
     return g
 
 
-WORKFLOWS = (sdxl, flux, sd15, img2img)
+def diffusion_model_front(g: Graph, family: str, title: str, files: tuple, clip_type: str, sampling: tuple,
+                          map_steps: int, trained_for: str, remark: str) -> tuple:
+    """The layout of a diffusion-model family: note, UNETLoader -> ModelSampling* (shift) -> K-LoRA Fuse
+    (pattern s, beta 0.5), CLIPLoader -> the two LoRA loaders -> the prompt.  ``files``: (diffusion model,
+    text encoder, VAE, a remark on the model file) ; ``sampling``: (node type, shift); ``trained_for``: the
+    model the LoRAs need.  Returns ``(fuse, positive, style loader, vae)``."""
+    unet_name, clip_name, vae_name, unet_remark = files
+    add_note(g, 520, (
+        f"K-LoRA on {title}\n\nLoad:\n"
+        f"- models/diffusion_models/{unet_name}{unet_remark}\n"
+        f"- models/text_encoders/{clip_name}\n"
+        f"- models/vae/{vae_name}\n"
+        f"- models/loras/: a SUBJECT LoRA and a STYLE LoRA trained for {trained_for}.\n\n"
+        + NOTE_FAMILY + " " + remark))
+    unet = g.add("UNETLoader", [0, 40], [320, 90], {"unet_name": unet_name, "weight_dtype": "default"})
+    clip = g.add("CLIPLoader", [0, 170], [320, 110], {"clip_name": clip_name, "type": clip_type, "device": "default"})
+    vae = g.add("VAELoader", [0, 320], [320, 60], {"vae_name": vae_name})
+    shifted = g.add(sampling[0], [0, 420], [320, 60], {"shift": sampling[1]}, {"model": (unet, 0)})
+    subject, style = add_lora_loaders(g, family, (clip, 0), 520, 690)
+    fuse = add_fuse(g, (shifted, 0), subject, style, "s", 0.5, map_steps)
+    pos = add_prompt(g, (style, 1), 880, "Prompt")
+    return fuse, pos, style, vae
+
+
+def add_negative(g: Graph, clip, y: int, text: str) -> int:
+    """The negative prompt at (0, y)."""
+    return g.add("CLIPTextEncode", [0, y], [380, 100], {"text": text}, {"clip": clip}, title="Negative prompt",
+                 color=NEGATIVE_COLOR)
+
+
+NOTE_FAMILY = (
+    "Prompt: 'a sks dog in watercolor painting style': replace 'sks dog' with your subject LoRA's "
+    "trigger word and class, and 'watercolor painting style' with your style LoRA's trigger words.\n\n"
+    + NOTE_COMMON +
+    "LoRA files from musubi-tuner, diffusion-pipe, ai-toolkit, diffusers/PEFT or OneTrainer all load "
+    "(docs/families.md); subject and style may come from different trainers. Pattern s, alpha 1.5, "
+    "beta 0.5."
+)
+
+
+def wan_t2v() -> Graph:
+    g = Graph("klora_wan_t2v")
+    fuse, pos, style, vae = diffusion_model_front(
+        g, "wan", "Wan 2.x text-to-video",
+        ("wan2.1_t2v_1.3B_fp16.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan_2.1_vae.safetensors",
+         " (or the 14B model, or Wan 2.2 TI2V 5B with its wan2.2_vae)"), "wan", ("ModelSamplingSD3", 8.0), 30,
+        "the same Wan model", "K-LoRA switches every self- and cross-attention projection of every block.")
+    neg = add_negative(g, (style, 1), 1050, "blurry, static, low quality, deformed")
+    latent = g.add("EmptyHunyuanLatentVideo", [380, 800], [300, 130],
+                   {"width": 832, "height": 480, "length": 33, "batch_size": 1})
+    add_sampling(g, fuse, (pos, 0), (neg, 0), (latent, 0), (vae, 0), 30, 6.0, "simple", 1.0, "klora/wan",
+                 sampler_name="uni_pc", save=("SaveAnimatedWEBP", {"filename_prefix": "klora/wan", "fps": 16.0,
+                                                                    "lossless": False, "quality": 90,
+                                                                    "method": "default"}))
+    return g
+
+
+def qwen_image() -> Graph:
+    g = Graph("klora_qwen_image")
+    fuse, pos, style, vae = diffusion_model_front(
+        g, "qwen_image", "Qwen-Image",
+        ("qwen_image_fp8_e4m3fn.safetensors", "qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_image_vae.safetensors",
+         ""), "qwen_image", ("ModelSamplingAuraFlow", 3.1), 20, "Qwen-Image",
+        "K-LoRA switches the image and text streams' attention projections.")
+    neg = add_negative(g, (style, 1), 1050, " ")
+    latent = add_empty_latent(g, "EmptySD3LatentImage", 1328)
+    add_sampling(g, fuse, (pos, 0), (neg, 0), (latent, 0), (vae, 0), 20, 2.5, "simple", 1.0, "klora/qwen_image")
+    return g
+
+
+def z_image() -> Graph:
+    g = Graph("klora_z_image")
+    fuse, pos, _style, vae = diffusion_model_front(
+        g, "z_image", "Z-Image (Turbo)",
+        ("z_image_turbo_bf16.safetensors", "qwen_3_4b.safetensors", "ae.safetensors", ""), "lumina2",
+        ("ModelSamplingAuraFlow", 3.0), 9, "Z-Image",
+        "Turbo samples in 9 steps at cfg 1; K-LoRA switches every attention qkv and out "
+        "projection, the refiners' included. The VAE is FLUX.1's ae.safetensors.")
+    negative = g.add("ConditioningZeroOut", [0, 1050], [240, 30], links={"conditioning": (pos, 0)})
+    latent = add_empty_latent(g, "EmptySD3LatentImage", 1024)
+    add_sampling(g, fuse, (pos, 0), (negative, 0), (latent, 0), (vae, 0), 9, 1.0, "simple", 1.0, "klora/z_image",
+                 sampler_name="res_multistep")
+    return g
+
+
+WORKFLOWS = (sdxl, flux, sd15, img2img, wan_t2v, qwen_image, z_image)
 
 
 def rendered() -> dict:

@@ -145,3 +145,13 @@ class BruteForce:
         self.progress_log.append(p)
         self._set_weights(p)
         return apply_model(args["input"], args["timestep"], **args["c"])
+
+
+def sample_reference(model_patcher, family, subject_truth, style_truth, steps: int, scheduler: str):
+    """``(latent, BruteForce)``: the brute-force run of ``family`` (family_models.sample, seed 0) at the
+    default schedule, its full sigma schedule taken from ``model_patcher``'s own sampling object."""
+    import comfy.samplers
+
+    full = comfy.samplers.calculate_sigmas(model_patcher.get_model_object("model_sampling"), scheduler, steps)
+    ref = BruteForce(family, 0, subject_truth, style_truth, full_sigmas=full)
+    return family_models.sample(ref.patcher, family, steps=steps, scheduler=scheduler), ref

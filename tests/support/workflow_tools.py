@@ -3,7 +3,8 @@
 - :func:`live_server`: ONE real ComfyUI server (tests/server_harness.py) per
   pytest session for test_preview_route.py, test_workflows.py and
   test_browser.py, with the small detectable models (tests/detectable_models.py),
-  a checkpoint assembled from them, and an input image.  Started on first use,
+  a checkpoint assembled from them, an input image, and the test-only nodes of
+  tests/support/comfy_test_nodes (for the model-family workflows).  Started on first use,
   stopped at the end of the session.
 - The example workflows (workflows/*.json, workflows/api/*.json), their
   validation against a running server's /object_info (:func:`validate_ui`,
@@ -24,6 +25,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
 WORKFLOW_NAMES = ("klora_sdxl_subject_style", "klora_flux_s_star", "klora_sd15", "klora_img2img")
+#: Model-family workflows, run on tiny models of their own family (support/family_workflows.py).
+FAMILY_WORKFLOW_NAMES = ("klora_wan_t2v", "klora_qwen_image", "klora_z_image")
+ALL_WORKFLOW_NAMES = WORKFLOW_NAMES + FAMILY_WORKFLOW_NAMES
 
 #: Node types that exist only in the frontend (never in /object_info, never executed).
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
@@ -108,10 +112,11 @@ def live_server(request) -> Live:
     """The session's shared server (started on first call; stopped when the session ends)."""
     global _LIVE
     if _LIVE is None:
-        from support import detectable_models
+        from support import detectable_models, family_workflows
         from support.server_harness import ComfyServer
 
         server = ComfyServer()
+        family_workflows.link_test_nodes(server)
         server.__enter__()
         try:
             names = dict(detectable_models.write_all(server))
