@@ -1,6 +1,8 @@
 """K-LoRA in pure torch: score a subject/style LoRA pair and choose one delta per weight per step.
 
 No ComfyUI import anywhere in this package (the nodes in ``nodes/`` do that).
+The method, with its formulas and every choice made where the paper leaves
+one open, is docs/method.md.
 
     from klora_core import build_plan
     plan = build_plan(subject, style, alpha=1.5, beta=0.5, pattern="s")

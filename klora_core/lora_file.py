@@ -1,8 +1,7 @@
-"""Read LoRA ``.safetensors`` files without ComfyUI (used by the CLI and tools).
+"""LoRA key names without ComfyUI: group a file's tensors into ``(up, down)`` per module.
 
-Only safetensors is read, through ``safetensors.torch.load_file``: pickle-based
-files (``.pt``, ``.pth``, ``.ckpt``, ``.bin``) can run arbitrary code when
-loaded and are refused with a message that says how to convert them.
+Used by the command line and the ``/klora/preview`` route.  The file itself is
+read by :func:`klora_core.safe_load.load_tensors` (safe loaders only).
 
 :func:`load_lora_file` returns ``{module_name: (up, down)}`` where
 ``up @ down`` is the scaled delta of that module's weight:
@@ -32,11 +31,9 @@ from typing import Iterable, Mapping, Union
 
 from .errors import KLoRAError
 from .name_aliases import comfy_spelling
+from .safe_load import load_tensors
 
 log = logging.getLogger(__name__)
-
-#: Suffixes of pickle-based checkpoint files, which are never loaded.
-PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 
 FORMATS = ("kohya", "diffusers", "peft", "unknown")
 FAMILIES = ("sd15", "sdxl", "flux", "unknown")
@@ -277,47 +274,9 @@ def lora_modules(state_dict: Mapping, strength: float = 1.0, *, source: str = "s
     return {k: out[k] for k in sorted(out, key=_natural_key)}
 
 
-def _sniff(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(16)
-
-
-def read_state_dict(path: PathLike) -> dict:
-    """Load a ``.safetensors`` file to CPU tensors; KLoRAError naming the file on any problem."""
-    path = os.fspath(path)
-    if path.lower().endswith(PICKLE_SUFFIXES):
-        raise KLoRAError(
-            f"{path}: pickle-based checkpoint files ({', '.join(PICKLE_SUFFIXES)}) can run code when loaded and are "
-            "not read; convert it to .safetensors first (e.g. with safetensors.torch.save_file in a trusted environment)"
-        )
-    if not os.path.exists(path):
-        raise KLoRAError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise KLoRAError(f"{path}: is a directory, expected a .safetensors LoRA file")
-    try:
-        head = _sniff(path)
-    except OSError as exc:
-        raise KLoRAError(f"{path}: cannot read file ({exc.strerror or exc})") from None
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-        raise KLoRAError(
-            f"{path}: this is a pickle/PyTorch checkpoint, not safetensors; convert it to .safetensors first"
-        )
-    if len(head) < 9 or head[8:9] != b"{":
-        raise KLoRAError(f"{path}: not a safetensors file (empty, truncated or another format)")
-    try:
-        from safetensors.torch import load_file
-    except ImportError:  # pragma: no cover - safetensors ships with ComfyUI
-        raise KLoRAError("the 'safetensors' package is required to read LoRA files") from None
-    try:
-        return load_file(path, device="cpu")
-    except Exception as exc:  # safetensors raises SafetensorError, OSError, ValueError...
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise KLoRAError(f"{path}: corrupt or truncated safetensors file ({detail})") from None
-
-
-def load_lora_file(path: PathLike, strength: float = 1.0) -> dict:
-    """``{canonical_module_name: (up, down)}`` of a LoRA ``.safetensors`` file (see module docstring)."""
-    sd = read_state_dict(path)
+def load_lora_file(path: PathLike, strength: float = 1.0, label: str = "LoRA") -> dict:
+    """``{canonical_module_name: (up, down)}`` of a LoRA file (see module docstring)."""
+    sd = load_tensors(path, label)
     modules = lora_modules(sd, strength, source=os.fspath(path))
     log.info("%s: %d LoRA modules, format %s, family %s", os.fspath(path), len(modules), detect_format(sd), detect_family(sd))
     return modules

@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """Every option a K-LoRA user sets, defined once: its name, choices, range and default.
 
-The K-LoRA Fuse node (``nodes/node_defs.py``), the ``/klora/preview`` route
+The K-LoRA Fuse node (``nodes/fuse_node.py``), the ``/klora/preview`` route
 (``nodes/preview_params.py``) and the command line (``klora_core/cli``) all
 read their choices, ranges and defaults from here, so they accept exactly the
 same values and answer the same way to a bad one (tests/test_options.py holds

@@ -45,7 +45,7 @@ logger = logging.getLogger("klora.lora_keys")
 #: Every tensor-name suffix ComfyUI 0.3.75 reads after a key-map base name.
 #: Derived from ``comfy.lora.load_lora`` and ``Adapter.load`` in
 #: ``comfy/weight_adapter/{lora,loha,lokr,glora,oft,boft}.py``;
-#: tests/test_lora_parsing.py re-derives it from the ComfyUI source in use.
+#: tests/test_comfy_key_map.py re-derives it from the ComfyUI source in use.
 LORA_TENSOR_SUFFIXES = tuple(
     sorted(
         {

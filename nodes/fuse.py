@@ -14,12 +14,12 @@ import comfy.utils
 
 from ..klora_core import options, schedule
 from ..klora_core.errors import KLoRAError
-from ..klora_core.gamma import trimming
 from ..klora_core.weight_keys import display_key, weight_name
 from ..klora_core.plan import plan_from_scores, scores_at_strengths
 from .adapters import lora_factors
 from .attention_structure import attention_rule
-from .coverage import coverage_lines, sample_names, unswitched_attention
+from .coverage import coverage_lines, unswitched_attention
+from .fuse_report import FuseReport, FuseSettings, WeightGroups
 from .handles import LoRAHandle
 from .comfy_key_map import load_lora_patches
 from .patching import FuseRun, install, make_switches
@@ -214,8 +214,11 @@ def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: flo
     }
     if run is not None:
         notes.insert(0, _mode_line(run, {weight_name(k) for k in switched}, choice.reason))
-    report = _report(model_patcher, subject, style, plan, stats, switched, outside, outside_scope,
-                     subject_only, style_only, progress_measure, scope, notes, alpha, beta, pattern)
+    report = FuseReport(
+        model_family=model_family(model_patcher), subject=subject, style=style, plan=plan, stats=stats, notes=notes,
+        settings=FuseSettings(pattern, alpha, beta, scope, outside_scope, progress_measure),
+        weights=WeightGroups(switched, outside, subject_only, style_only),
+    ).text()
     logger.info("%s", report.splitlines()[0])
     return FuseResult(model=fused, report=report, plan=plan, run=run, stats=stats)
 
@@ -238,28 +241,3 @@ def _mode_line(run: FuseRun, names: set, reason: str) -> str:
     else:
         line = f"mode {own}"
     return f"{line} ({reason})"
-
-
-def _report(model_patcher, subject, style, plan, stats, switched, outside, outside_scope, subject_only,
-            style_only, measure, scope, notes, alpha, beta, pattern) -> str:
-    lines = [
-        f"K-LoRA on {model_family(model_patcher)}: subject '{subject.name}' (strength {subject.strength:g}, "
-        f"{stats['subject_matched']} tensors matched, {stats['subject_unmatched']} unmatched) + style "
-        f"'{style.name}' (strength {style.strength:g}, {stats['style_matched']} matched, "
-        f"{stats['style_unmatched']} unmatched)",
-        f"pattern {pattern}, alpha {alpha:g}, beta {beta:g}; progress by {measure}; scope: {scope}",
-    ]
-    if plan is not None:
-        first = plan.choose(0.0)
-        last = plan.choose(1.0 - 1e-9)
-        n_first = sum(first.values())
-        n_last = sum(last.values())
-        _, dropped = trimming(plan.ratios.values())
-        lines.append(f"gamma {plan.gamma:.6g} (from {len(plan.ratios)} shared weights, {dropped} outliers dropped)")
-        lines.append(f"{len(switched)} weights switch per step: first step {n_first} subject / "
-                     f"{len(switched) - n_first} style; last step {n_last} subject / {len(switched) - n_last} style")
-    lines.append(f"{len(outside)} shared weights outside the scope: applied {outside_scope}")
-    for label, keys in (("only the subject covers", subject_only), ("only the style covers", style_only)):
-        lines.append(f"{len(keys)} weights {label} (applied as a plain LoRA)" + (f": {sample_names(keys)}" if keys else ""))
-    lines.extend(notes)
-    return "\n".join(lines)

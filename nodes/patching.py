@@ -1,7 +1,7 @@
 """Everything K-LoRA does to a ModelPatcher, in one place.
 
-How the per-layer, per-step choice reaches the weights (spec: "Ways to switch
-a delta per layer per step", option 1, "bake at flip time"):
+How the per-layer, per-step choice reaches the weights (docs/architecture.md,
+"6. Switch" to "8. Restore", and "Why switch by re-baking"):
 
 1. :func:`install` puts one :class:`~.switch.KLoRASwitch` patch per shared
    weight into a *clone* of the user's model and registers two keyed wrappers.

@@ -1,9 +1,9 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """Scores of a LoRA file pair for ``/klora/preview`` (nodes/routes.py): read, score, cache.
 
-No model is needed: the two files are read with the pack's safe reader
-(``nodes/handles.read_lora_file``: safetensors, or ``torch.load`` with
-``weights_only=True``), grouped into ``{canonical module: (up, down)}`` by
+No model is needed: the two files are read with the project's one LoRA reader
+(``klora_core.safe_load.load_tensors``, as the loader nodes and the command
+line read them), grouped into ``{canonical module: (up, down)}`` by
 ``klora_core.lora_file.lora_modules`` and scored by ``klora_core.build_plan``.
 Scores are computed once per pair of file *contents* (SHA-256) and scope, at
 strength 1, and kept in a bounded LRU cache (:data:`CACHE_PAIRS`); strengths
@@ -72,9 +72,9 @@ def _full_path(name: str) -> str:
 
 def _modules(path: str, label: str) -> dict:
     from ..klora_core.lora_file import lora_modules
-    from .handles import read_lora_file
+    from ..klora_core.safe_load import load_tensors
 
-    return lora_modules(read_lora_file(path, label), 1.0, source=label)
+    return lora_modules(load_tensors(path, label), 1.0, source=label)
 
 
 def _score(subject_path: str, style_path: str, p: PreviewParams) -> _Scored:

@@ -3,8 +3,10 @@
 The frontend extension (``web/klora.js``) calls these while the user edits a
 "K-LoRA Fuse" node, so the selection map follows alpha, beta, pattern, scope,
 steps and the two loaders' files/strengths without queueing a prompt.  No
-model is needed: ``nodes/preview_scores.py`` reads, scores and caches the two
-files.  Module names are the file reader's canonical names (``down_blocks_1_...``),
+model is needed: ``nodes/preview_scores.py`` reads the two files (with the
+project's one LoRA reader, ``klora_core.safe_load.load_tensors``, which the
+loader nodes and the command line use too), scores and caches them.  Module
+names are the file reader's canonical names (``down_blocks_1_...``),
 not ComfyUI's model keys, so the rows may be named and ordered slightly
 differently from the node's own map; the decisions are the same wherever the
 two readers pair the same weights (see README "See the fusion").

@@ -38,9 +38,8 @@ def pytest_configure(config):
     """Run torch single-threaded unless KLORA_TEST_THREADS says otherwise.
 
     The test models are tiny: intra-op threads buy nothing, and on a shared
-    2-core machine (parallel test runs) OpenMP spin-waiting made a 4-step
-    tiny-UNet sampling run 30-100x slower (0.3 s single-threaded against
-    10-15 s with 2 threads, measured).
+    machine (parallel test runs) OpenMP spin-waiting made tiny-UNet sampling
+    many times slower (figures: bench/README.md, "The test models").
     """
     torch.set_num_threads(int(os.environ.get("KLORA_TEST_THREADS", "1")))
 

@@ -1,8 +1,8 @@
-"""``python -m klora_core inspect``: the headless report, checked against the spec.
+"""``python -m klora_core inspect``: the headless report, checked against the method (docs/method.md).
 
 Every expected number here (T_S, T_T, K, gamma, the per-step choice) is
 computed in this file, in float64, from the tensors as written to disk and
-the formulas of the K-LoRA spec ("Definitions", "Global balance gamma",
+the formulas of docs/method.md ("Definitions", "Global balance gamma",
 "The time-dependent style factor", "The decision"), without ``build_plan``,
 ``klora_core.lora_file`` or any other product code.  The CLI runs in a
 subprocess exactly as a user would start it, without ComfyUI.
@@ -64,7 +64,7 @@ def pair(tmp_path_factory):
     """A kohya subject (rank 6, per-module alpha) and a PEFT style (rank 4, no alpha) file.
 
     Returns (subject_path, style_path, refs) with refs = {canonical key: (dS, dT, r_S, r_T)} of the
-    shared attention weights; the deltas are float64 and already scaled as the spec says.
+    shared attention weights; the deltas are float64 and already scaled as docs/method.md says.
     """
     folder = tmp_path_factory.mktemp("inspect_pair")
     gen = torch.Generator().manual_seed(20250218)
@@ -352,7 +352,7 @@ def _one_line(stderr):
 def test_errors_are_one_line(tmp_path, pair, capsys):
     subject, style, _ = pair
     missing = run_cli("inspect", tmp_path / "nope.safetensors", style, "--out", tmp_path / "x.png", cwd=tmp_path)
-    assert missing.returncode == 1 and "no such file" in _one_line(missing.stderr)
+    assert missing.returncode == 1 and "file not found" in _one_line(missing.stderr)
     assert missing.stdout == "" and not (tmp_path / "x.png").exists()
 
     def fails(*args, status=1):

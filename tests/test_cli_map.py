@@ -1,7 +1,7 @@
 """The ``python -m klora_core map`` command line, end to end, without ComfyUI.
 
-The expected subject/style choices are computed here from the spec's formula
-(docs: /work/shared/klora-spec.md, "Definitions" to "The decision") on the
+The expected subject/style choices are computed here from the method's formulas
+(docs/method.md, "Definitions" to "The decision") on the
 tensors read straight from the files with safetensors, in float64, without
 calling ``build_plan`` or ``klora_core.lora_file``.  They are compared with
 the CLI's table and with the pixels of the PNG it writes.
@@ -51,7 +51,7 @@ def run_cli(*args, cwd):
 # --- independent reference -------------------------------------------------------------
 
 def spec_scores(pairs):
-    """``({name: [T_S, T_T, L1_S, L1_T]}, gamma)`` from the spec's formulas, in float64.
+    """``({name: [T_S, T_T, L1_S, L1_T]}, gamma)`` from the method's formulas (docs/method.md), in float64.
 
     ``pairs``: ``{name: ((up_S, down_S, scale_S), (up_T, down_T, scale_T))}``.
     """
@@ -71,7 +71,7 @@ def spec_scores(pairs):
 
 
 def spec_selection(pairs, steps, alpha, beta, pattern):
-    """``{name: "SSTT..."}`` from the spec's formula.
+    """``{name: "SSTT..."}`` from the method's formulas (docs/method.md).
 
     ``pairs``: ``{name: ((up_S, down_S, scale_S), (up_T, down_T, scale_T))}``.
     """
@@ -277,7 +277,7 @@ def test_missing_file_exits_nonzero(tmp_path):
     res = run_cli("map", tmp_path / "nope.safetensors", tmp_path / "nope2.safetensors", "--out", tmp_path / "m.png", cwd=tmp_path)
     assert res.returncode == 1
     line = _one_line(res.stderr)
-    assert "nope.safetensors" in line and "no such file" in line
+    assert "nope.safetensors" in line and "file not found" in line
     assert not (tmp_path / "m.png").exists()
 
 

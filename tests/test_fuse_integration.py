@@ -244,13 +244,14 @@ def test_registry_graph_matches_direct_call(registry, klora_pack, tmp_path):
     sd_t, _ = lora_factory.make_lora(model, "kohya", rank=2, seed=6)
     lora_factory.save_lora(sd_s, loras / "reg_subject.safetensors")
     lora_factory.save_lora(sd_t, loras / "reg_style.safetensors")
-    subject = mappings["KLoRASubjectLoader"]().load("reg_subject.safetensors", 1.0)[0]
-    style = mappings["KLoRAStyleLoader"]().load("reg_style.safetensors", 0.8)[0]
-    out = mappings["KLoRAFuse"]().fuse(model, subject, style, "s*", 1.5, -1.0, "attention projections", "both",
-                                       "noise level", 12)
-    fused_model, report, image = out["result"]
+    subject = mappings["KLoRASubjectLoader"].execute(lora_name="reg_subject.safetensors", strength=1.0)[0]
+    style = mappings["KLoRAStyleLoader"].execute(lora_name="reg_style.safetensors", strength=0.8)[0]
+    out = mappings["KLoRAFuse"].execute(model=model, subject=subject, style=style, pattern="s*", alpha=1.5, beta=-1.0,
+                                        scope="attention projections", outside_scope="both",
+                                        progress_measure="noise level", map_steps=12)
+    fused_model, report, image = out.args
     assert image.shape[0] == 1 and image.shape[-1] == 3 and image.shape[1] > 50
-    assert out["ui"]["images"][0]["type"] == "temp"
+    assert out.ui["images"][0]["type"] == "temp"
     assert "gamma" in report
     positive, negative = tiny_models.make_conds(FAMILY, seed=5)
     latent = {"samples": tiny_models.make_latent(FAMILY, seed=5)[0]}

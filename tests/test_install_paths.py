@@ -48,6 +48,8 @@ from pathlib import Path
 import pytest
 
 from support import comfy_env
+from support.repo_files import git as _git
+from support.repo_files import tracked_files
 from support.server_harness import ComfyServer
 
 try:
@@ -76,20 +78,6 @@ def _norm(name: str) -> str:
 
 
 # --- the pack as git would hand it out ------------------------------------------------
-
-def _git(*args) -> str:
-    try:
-        return subprocess.run(["git", "-C", str(REPO), *args], check=True, capture_output=True, text=True,
-                              timeout=60).stdout
-    except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"needs a git checkout of the pack and git on PATH ({exc})")
-
-
-def tracked_files() -> list:
-    """Paths in the git index that exist in the working tree (a clone's file list, today's content)."""
-    names = [n for n in _git("ls-files", "-z").split("\0") if n]
-    return [n for n in names if (REPO / n).is_file()]
-
 
 def comfyignored() -> set:
     """Tracked paths that ``.comfyignore`` excludes from the registry archive (gitignore syntax)."""
@@ -500,7 +488,12 @@ with warnings.catch_warnings(record=True) as caught:
     for sub in cfg["submodules"]:
         importlib.import_module(name + "." + sub)
 added = sorted(m for m in set(sys.modules) - before if m != name and not m.startswith(name + "."))
-print(json.dumps({"added": added, "nodes": sorted(getattr(module, "NODE_CLASS_MAPPINGS", {})),
+nodes_found = []  # as ComfyUI's load_custom_node registers a V3 pack: comfy_entrypoint -> get_node_list
+if hasattr(module, "comfy_entrypoint"):
+    import asyncio
+    extension = asyncio.run(module.comfy_entrypoint())
+    nodes_found = [node.GET_SCHEMA().node_id for node in asyncio.run(extension.get_node_list())]
+print(json.dumps({"added": added, "nodes": sorted(nodes_found), "v1": hasattr(module, "NODE_CLASS_MAPPINGS"),
                   "blocked_hits": Block.hits, "records": records,
                   "warnings": [f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}" for w in caught]}))
 '''
@@ -529,6 +522,7 @@ def test_imports_only_what_comfyui_has(tmp_path, inside_comfyui):
                          timeout=300, cwd=tmp_path, env=env)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert not out["v1"], "NODE_CLASS_MAPPINGS would make ComfyUI load the pack as V1 and skip comfy_entrypoint"
     if inside_comfyui:
         assert out["nodes"] == sorted(NODE_IDS)
     else:

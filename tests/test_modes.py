@@ -463,13 +463,16 @@ def test_unknown_mode_is_refused(klora_pack, tmp_path, sd15_model):
 
 def test_node_offers_the_mode_input(klora_pack, tmp_path, sd15_model):
     from klora_pack.nodes.bypass_hooks import BYPASS_INJECTION_KEY
-    from klora_pack.nodes.node_defs import KLoRAFuse
+    from klora_pack.nodes.fuse_node import KLoRAFuse
 
     spec = KLoRAFuse.INPUT_TYPES()["optional"]["mode"]
     assert spec[0] == ["auto", "bake", "bypass", "live"] and spec[1]["default"] == "auto"
+    assert spec[1].get("advanced") is True
     assert "mode" not in KLoRAFuse.INPUT_TYPES()["required"]
     hs, ht, *_ = _handles(klora_pack, tmp_path, sd15_model)
-    out = KLoRAFuse().fuse(sd15_model, hs, ht, "s", 1.5, -1.0, "attention projections", "both", "noise level",
-                           mode="bypass")
-    assert "mode bypass" in out["result"][1]
-    assert out["result"][0].get_injections(BYPASS_INJECTION_KEY)
+    out = KLoRAFuse.execute(model=sd15_model, subject=hs, style=ht, pattern="s", alpha=1.5, beta=-1.0,
+                            scope="attention projections", outside_scope="both", progress_measure="noise level",
+                            mode="bypass")
+    fused, report, _ = out.args
+    assert "mode bypass" in report
+    assert fused.get_injections(BYPASS_INJECTION_KEY)

@@ -293,6 +293,37 @@ def test_files_that_cannot_be_fused_are_422(live):
     assert status == 422 and "klora-preview-corrupt.safetensors" in answer["error"]["message"], answer
 
 
+def test_pickles_follow_the_one_reader_policy(live, tmp_path):
+    """A .pt of plain tensors previews like its .safetensors twin (torch weights-only loader); a .pt that
+    would run code is a 422 with the reader's own words (klora_core.safe_load), and never runs."""
+    from safetensors.torch import load_file
+
+    from klora_core.errors import KLoRAError
+    from klora_core.safe_load import load_tensors
+
+    loras = live.server.loras_dir
+    torch.save(load_file(str(loras / live.names["subject"])), loras / "klora-preview-subject.pt")
+    status, answer, _ = call(live, base(live, subject="klora-preview-subject.pt", map_steps="12"))
+    assert status == 200, answer
+    plan, selection = expected(live, live.names["subject"], live.names["style"], steps=12)
+    assert_matches(answer, plan, selection, 12)
+
+    marker = tmp_path / "unpickled"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    payload = loras / "klora-preview-payload.pt"
+    torch.save({"x": Payload()}, payload)
+    with pytest.raises(KLoRAError) as said:
+        load_tensors(payload, "subject LoRA 'klora-preview-payload.pt'")
+    status, answer, _ = call(live, base(live, subject=payload.name))
+    # the route names files as ComfyUI lists them, never by the server's folders
+    assert status == 422 and answer["error"]["message"] == str(said.value).replace(str(payload), payload.name), answer
+    assert not marker.exists()
+
+
 def test_png(live):
     from PIL import Image
 
@@ -363,7 +394,7 @@ def test_preview_equals_the_nodes_own_plan(live, klora_pack, settings):
 
 
 def test_options_route_gives_the_frontend_the_paper_values(live):
-    """web/klora.js switches beta with the pattern using these (the spec's paper values, written out here)."""
+    """web/klora.js switches beta with the pattern using these (the paper's values, docs/method.md)."""
     status, answer, _ = call(live, path="/klora/options")
     assert status == 200
     assert answer["pattern_beta"] == {"s": 0.5, "s*": 1.275}

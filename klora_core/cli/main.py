@@ -1,6 +1,7 @@
 """Command line: ``python -m klora_core map|inspect [SUBJECT STYLE] [options]`` (and ``run``).
 
-Reads two LoRA ``.safetensors`` files (or generates the seeded demo pair),
+Reads two LoRA files (or generates the seeded demo pair) with the project's
+one reader (:func:`klora_core.safe_load.load_tensors`, as the nodes do),
 scores them once with :func:`klora_core.build_plan` and shows which delta
 K-LoRA applies to each attention weight at each sampling step: a PNG map
 (:func:`klora_core.render.render_selection_map`) and, with ``--table``, a
@@ -53,9 +54,10 @@ examples:
 Without SUBJECT and STYLE the seeded demo pair (demo_subject.safetensors,
 demo_style.safetensors: the 24 attention projections of the demo SD1.5-shaped
 UNet, the pair `bash scripts/demo.sh` renders with) is written next to --out
-and used.  Only .safetensors files are read (kohya, diffusers and PEFT
-key names; the same layer named by different conventions is paired).
-Pickle-based .pt/.ckpt/.bin files are refused: convert them first.
+and used.  Files are read as the ComfyUI nodes read them: .safetensors, or
+.pt/.pth/.ckpt/.bin/.pkl with torch's weights-only loader (which refuses
+embedded code); kohya, diffusers and PEFT key names (the same layer named by
+different conventions is paired).
 Exit status: 0 ok, 1 unusable input (one line on stderr), 2 bad usage."""
 
 _INSPECT_EPILOG = """\
@@ -147,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_pair_arguments(m: argparse.ArgumentParser) -> None:
     """The options ``map`` and ``inspect`` share."""
-    m.add_argument("subject", nargs="?", metavar="SUBJECT", help="subject LoRA (.safetensors); omit both files for the demo pair")
-    m.add_argument("style", nargs="?", metavar="STYLE", help="style LoRA (.safetensors)")
+    m.add_argument("subject", nargs="?", metavar="SUBJECT",
+                   help="subject LoRA (.safetensors; .pt/.ckpt read weights-only); omit both files for the demo pair")
+    m.add_argument("style", nargs="?", metavar="STYLE", help="style LoRA (.safetensors; .pt/.ckpt read weights-only)")
     m.add_argument("--steps", type=option_value(STEPS, "--steps"), default=STEPS.default,
                    help=f"sampling steps (columns), {STEPS.lo}-{STEPS.hi}; step i has progress i/steps "
                         f"(default {STEPS.default})")
@@ -183,10 +186,24 @@ def _version() -> str:
     return __version__
 
 
+def _read_lora(path, role: str, strength: float):
+    """``({canonical module: (up, down)}, facts)`` of one LoRA file; facts: its format, base-model family
+    (from names and shapes) and tensor count."""
+    from ..lora_file import detect_family, detect_format, lora_modules
+    from ..safe_load import load_tensors
+
+    state_dict = load_tensors(path, f"{role} LoRA")
+    modules = lora_modules(state_dict, strength, source=os.fspath(path))
+    facts = {"format": detect_format(state_dict), "family": detect_family(state_dict), "tensors": len(state_dict)}
+    log.info("%s: %d LoRA modules, format %s, family %s", os.fspath(path), len(modules), facts["format"],
+             facts["family"])
+    return modules, facts
+
+
 def _load_pair(args, info=None):
     """``(subject, style)`` module dicts, kept to ``--scope``; ``info`` (a dict) also gets the paths,
-    the name-based families and every module name of both files, before the scope filter."""
-    from ..lora_file import detect_family, load_lora_file
+    the name-based families, each file's facts and every module name of both files, before the scope filter."""
+    from ..lora_file import detect_family
     from ..weight_keys import is_attention_name
 
     if args.subject is None:
@@ -201,14 +218,15 @@ def _load_pair(args, info=None):
         print(f"demo LoRAs (seed {seed}): {subject_path} {style_path}")
     else:
         subject_path, style_path = args.subject, args.style
-    subject = load_lora_file(subject_path, args.subject_strength)
-    style = load_lora_file(style_path, args.style_strength)
+    subject, subject_facts = _read_lora(subject_path, "subject", args.subject_strength)
+    style, style_facts = _read_lora(style_path, "style", args.style_strength)
     fam_s, fam_t = detect_family(subject), detect_family(style)
     if "unknown" not in (fam_s, fam_t) and fam_s != fam_t:
         raise KLoRAError(f"the subject LoRA looks like {fam_s} but the style LoRA like {fam_t}; both must fit the same base model")
     shared = [k for k in subject if k in style]
     if info is not None:
         info.update(paths=(subject_path, style_path), families=(fam_s, fam_t),
+                    facts=(subject_facts, style_facts),
                     subject_keys=tuple(subject), style_keys=tuple(style))
     log.info("paired %d modules; %d only in subject, %d only in style",
              len(shared), len(subject) - len(shared), len(style) - len(shared))
@@ -262,29 +280,6 @@ def run_map(args) -> int:
     return 0
 
 
-class _Shape:
-    """Stands in for a tensor in :func:`~klora_core.lora_file.detect_family` (which reads ``.shape``)."""
-
-    __slots__ = ("shape",)
-
-    def __init__(self, shape):
-        self.shape = tuple(shape)
-
-
-def _file_facts(path) -> dict:
-    """LoRA format, base-model family and tensor count of a ``.safetensors`` file, from its header only."""
-    from ..lora_file import detect_family, detect_format
-
-    try:
-        from safetensors import safe_open
-
-        with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
-            shapes = {key: _Shape(f.get_slice(key).get_shape()) for key in f.keys()}
-    except Exception as exc:  # the file was read successfully just before; report, do not guess
-        raise KLoRAError(f"{path}: cannot read the safetensors header ({exc})") from None
-    return {"format": detect_format(shapes), "family": detect_family(shapes), "tensors": len(shapes)}
-
-
 def _fmt_keys(keys) -> list:
     return [f"  {k}" for k in keys] or ["  (none)"]
 
@@ -309,7 +304,7 @@ def run_inspect(args) -> int:
             raise KLoRAError(f"{folder}: cannot create the output folder ({exc.strerror or exc})") from None
     info = {}
     subject, style = _load_pair(args, info)
-    facts = [_file_facts(path) for path in info["paths"]]
+    facts = info["facts"]
     families = {f["family"] for f in facts} - {"unknown"}
     if len(families) > 1:
         raise KLoRAError(f"the subject LoRA looks like {facts[0]['family']} but the style LoRA like "

@@ -89,7 +89,7 @@ def _run(args) -> int:
     env = dict(os.environ)
     if cpu:
         # OpenMP threads that spin while waiting slow CPU sampling down many times over
-        # on a busy machine (measured 0.5 s -> 2.9 s per UNet call); passive waiting avoids it.
+        # on a busy machine (bench/README.md); passive waiting avoids it.
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))

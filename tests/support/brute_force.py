@@ -2,8 +2,8 @@
 
 A separate copy of the tiny model (same seed, so bit-identical base weights)
 gets ``W0 + chosen delta`` rebuilt from scratch in float64 at EVERY model call,
-from the LoRA factory's truth tensors and the plain spec reference in
-klora_reference.py.  It shares no code with the pack: progress is found by
+from the LoRA factory's truth tensors and the plain reference in
+klora_reference.py (written from docs/method.md).  It shares no code with the pack: progress is found by
 a plain bisection on the model's ``percent_to_sigma``, taken as exactly
 ``i / N`` when it lies on the grid of the run's full N-step schedule; in step-count mode it is the index within the pass.
 """

@@ -26,14 +26,8 @@ Conditioning (``make_conds``): ComfyUI CONDITIONING lists
 for the UNets, 8 tokens for FLUX; P = 1280 (SDXL), 32 (FLUX); FLUX also gets
 ``"guidance": 3.5``.
 
-Timings measured on this project's 2-core CPU machine, after ComfyUI is
-imported (6-9 s once per process): building a model 12-50 ms; a 4-step
-``comfy.sample.sample`` run (euler, normal, cfg 2, 8x8 latent, batch 1),
-single-threaded torch (tests/conftest.py sets that): SD1.5 0.13 s, SDXL
-0.12 s, FLUX 0.05 s on an idle machine (0.34 / 0.28 / 0.12 s while other
-test runs load both cores); the first call in a process adds ~30 ms. With
-2 torch threads on a loaded machine the same run took 1-15 s (OpenMP
-spin-waiting), hence the single thread.
+They are small enough that a sampling run takes a fraction of a second on one
+CPU thread (timings: bench/README.md, "The test models").
 """
 from __future__ import annotations
 

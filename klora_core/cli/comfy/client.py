@@ -253,6 +253,9 @@ def _describe_node_error(class_type: str, node_id: str, err: dict, allowed) -> s
     if "received_value" in extra:
         text += f" = {extra['received_value']!r}"
     text += f": {message}"
+    if err.get("type") == "custom_validation_failed" and err.get("details"):
+        # The node's own words (e.g. K-LoRA's validate_inputs); ComfyUI writes "<input> - <reason>".
+        text += f": {str(err['details']).split(' - ', 1)[-1]}"
     if err.get("type") == "value_not_in_list":
         config = extra.get("input_config")
         choices = combo_choices(config) if config else None  # ComfyUI leaves out lists over 20 entries
