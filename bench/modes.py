@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import resource
 import sys
 import tempfile

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import re
 import time
 import urllib.error
 import urllib.parse
