@@ -8,10 +8,11 @@ Parts (each a separate worker process, single-threaded torch):
   (b) bench/score_sdxl.py  scoring an SDXL-sized pair: per-layer vs batched (no ComfyUI)
   (a) bench/sampling.py    sampling time: K-LoRA Fuse vs direct merge vs peer stand-in,
   (d)                      and K-LoRA's re-bake work per step
+  (e) bench/quantized.py   K-LoRA vs two LoraLoaders on an fp8 and a GGUF Q8_0 model (alone: --only quantized)
   (c) bench/memory.py      peak RSS, one process per method
 
 Results: ``<out-dir>/<date>-cpu.json`` and ``<out-dir>/<date>-cpu.md``
-(``-cpu-quick`` with --quick); default out-dir bench/results.
+(``-cpu-quick`` with --quick, ``-cpu-quantized`` with --only quantized); default out-dir bench/results.
 """
 from __future__ import annotations
 
@@ -144,6 +145,7 @@ def make_table(res: dict) -> str:
         lines.append(f"| (d) per-step work | same run: steps with a flip | {len(fl)} steps, {flips} weights re-baked "
                      f"(+{demo['restore_rebaked']} at restore), {fmt(demo['median_cpu_step_flip']['klora'])} s | "
                      f"{fmt(demo['median_cpu_step_flip']['merge'])} | {fmt(demo['flip_step_ratio_cpu'])} | – |")
+    lines.extend(quantized_rows(res.get("quantized")))
     b = res["scoring"]
     for rank, r in b["ranks"].items():
         med = r["median"]
@@ -176,11 +178,53 @@ def make_table(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+FORMAT_NAMES = {"fp8_e4m3fn": "fp8 e4m3fn (UNETLoader weight_dtype)", "Q8_0": "GGUF Q8_0 (ComfyUI-GGUF UnetLoaderGGUF)"}
+
+
+def quantized_rows(q) -> list:
+    """Table rows of part (e) (bench/quantized.py): K-LoRA vs two LoraLoaders on fp8 and GGUF models."""
+    if not q:
+        return []
+    lines = []
+    for key, r in q["formats"].items():
+        name = FORMAT_NAMES.get(key, key)
+        if isinstance(r, str):
+            lines.append(f"| (e) quantized | {name} | {r} | – | – | – |")
+            continue
+        med, mc, st = r["median"], r["median_cpu"], r["median_step_1_to_end"]
+        lines.append(f"| (e) quantized | {name}, rank {q['rank']}: s per image, K-LoRA Fuse vs two LoraLoaders "
+                     f"(wall / CPU) | {fmt(med['klora'])} / {fmt(mc['klora'])} | {fmt(med['merge'])} / "
+                     f"{fmt(mc['merge'])} | {r['ratio_klora_merge']:.3f} / {r['ratio_klora_merge_cpu']:.3f} | – |")
+        lines.append(f"| (e) quantized | {name}: s per step (steps 1..N-1), K-LoRA vs merge (wall) | "
+                     f"{fmt(st['klora'])} | {fmt(st['merge'])} | {r['ratio_step_klora_merge']:.3f} | – |")
+        lines.append(f"| (e) quantized | {name}: how K-LoRA switched ({r['mode']}); weights re-baked per image | "
+                     f"{r['rebaked_per_image'][-1]} re-baked, {r['host_live_weights']} live | "
+                     f"{r['switched_weights']} switched weights | – | – |")
+    return lines
+
+
+def quantized_table(res: dict) -> str:
+    """The table of a ``--only quantized`` run."""
+    m, q = res["machine"], res["quantized"]
+    cfg = q["settings"]
+    model = (f"SD1.5-class UNet of part (a) (channels {q['model']['model_channels']}, channel_mult "
+             f"{q['model']['channel_mult']})" if isinstance(q["model"], dict) else q["model"])
+    head = (f"K-LoRA benchmark part (e), {'QUICK smoke run, ' if res['quick'] else ''}{res['date']}: CPU {m['cpu']}, "
+            f"{m['cores']} cores, no GPU, torch {m.get('torch')} single-threaded. Model: {model}, "
+            f"{cfg['latent']}x{cfg['latent']} latent, {cfg['steps']} steps {cfg['sampler']}/{cfg['scheduler']}, "
+            f"cfg {cfg['cfg']}, medians of {cfg['repeats']} alternating runs.")
+    rows = quantized_rows(q)
+    return "\n".join([head, "", "| part | measurement | K-LoRA / new | baseline | ratio | goal |", "|---|---|---|---|---|---|",
+                      *rows]) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="CI-size smoke run (tiny model, a few seconds per part)")
     ap.add_argument("--out-dir", default=str(common.BENCH_DIR / "results"), help="where the JSON and .md go")
     ap.add_argument("--date", default=None, help="date used in the file names (default: today, UTC)")
+    ap.add_argument("--only", choices=("quantized",), help="run one part alone (quantized: part (e), "
+                    "written as <date>-cpu-quantized.json/.md)")
     ap.add_argument("--table-from", metavar="JSON", help="only re-render the table of an earlier results JSON "
                     "(rewrites that JSON's table and its .md)")
     args = ap.parse_args()
@@ -188,14 +232,14 @@ def main() -> int:
     if args.table_from:
         path = Path(args.table_from)
         res = json.loads(path.read_text())
-        res["table_markdown"] = make_table(res)
+        res["table_markdown"] = quantized_table(res) if res.get("only") == "quantized" else make_table(res)
         common.write_json(path, res)
         path.with_suffix(".md").write_text(res["table_markdown"])
         print(res["table_markdown"], end="")
         return 0
 
     date = args.date or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    stem = f"{date}-cpu" + ("-quick" if args.quick else "")
+    stem = f"{date}-cpu" + ("-quick" if args.quick else "") + (f"-{args.only}" if args.only else "")
     out_dir = Path(args.out_dir)
     quick = ["--quick"] if args.quick else []
     t_start = time.perf_counter()
@@ -206,8 +250,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         long = 1800 if not args.quick else 180
+        if args.only == "quantized":
+            res["only"] = "quantized"
+            res["quantized"] = run_worker("quantized.py", quick, tmp / "e.json", 2 * long)
+            return finish(res, quantized_table(res), out_dir, stem, t_start)
         res["scoring"] = run_worker("score_sdxl.py", quick, tmp / "b.json", long)
         res["sampling"] = run_worker("sampling.py", quick, tmp / "a.json", long)
+        # fp8 and GGUF casts/dequantizes every weight at every forward on a CPU: slower than part (a).
+        res["quantized"] = run_worker("quantized.py", quick, tmp / "e.json", 2 * long)
         rank = max(res["sampling"]["settings"]["ranks"])
         methods = ("klora", "merge") if args.quick else ("klora", "merge", "peer")
         mem = {"rank": rank}
@@ -218,8 +268,12 @@ def main() -> int:
             for method in methods:
                 mem[method] = futures[method].result()
         res["memory"] = mem
+    return finish(res, make_table(res), out_dir, stem, t_start)
+
+
+def finish(res: dict, table: str, out_dir: Path, stem: str, t_start: float) -> int:
+    """Write ``<stem>.json`` and ``<stem>.md`` and print the table last."""
     res["total_seconds"] = time.perf_counter() - t_start
-    table = make_table(res)
     res["table_markdown"] = table
     common.write_json(out_dir / f"{stem}.json", res)
     (out_dir / f"{stem}.md").write_text(table)

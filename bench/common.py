@@ -84,14 +84,24 @@ def single_thread() -> None:
     torch.set_num_threads(1)
 
 
-def setup_comfy():
-    """Import ComfyUI (CPU) through the tests' helper; return (comfy root, pack module loader)."""
+def setup_comfy(cpu: bool = True):
+    """Import ComfyUI (CPU unless ``cpu=False``) through the tests' helper; return (comfy root, pack module loader)."""
     if str(TESTS_DIR) not in sys.path:
         sys.path.insert(0, str(TESTS_DIR))
     from support import comfy_env  # tests/comfy_env.py
 
-    root = comfy_env.setup_comfy()
+    root = comfy_env.setup_comfy(cpu=cpu)
     return root, comfy_env
+
+
+def worker_args():
+    """The command line every worker takes: ``--json OUT.json [--quick]``."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--quick", action="store_true")
+    return ap.parse_args()
 
 
 def start_worker(quick: bool):
@@ -111,8 +121,9 @@ def start_worker(quick: bool):
     return s, comfy_env
 
 
-def build_model(config: dict, seed: int = 0):
-    """A float32 SD1.5-class ModelPatcher on the CPU, weights N(0, 1/fan_in) (seeded), norms 1, biases 0.
+def build_model(config: dict, seed: int = 0, dtype=None, load_device=None):
+    """An SD1.5-class ModelPatcher (float32 on the CPU unless ``dtype`` / ``load_device`` say otherwise),
+    weights N(0, 1/fan_in) (seeded), norms 1, biases 0.
 
     Fan-in scaling keeps activations O(1) through 420 M random parameters
     (no overflow, no denormals), so timings reflect ordinary arithmetic.
@@ -122,7 +133,7 @@ def build_model(config: dict, seed: int = 0):
     import comfy.supported_models as sm
 
     model_config = sm.SD15(dict(config))
-    model_config.set_inference_dtype(torch.float32, None)
+    model_config.set_inference_dtype(dtype or torch.float32, None)
     model = model_config.get_model({}, device=torch.device("cpu"))
     model.eval()
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -137,21 +148,23 @@ def build_model(config: dict, seed: int = 0):
             else:
                 p.zero_()
     cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device or cpu, offload_device=cpu)
 
 
 def count_params(model_patcher) -> int:
     return sum(p.numel() for p in model_patcher.model.diffusion_model.parameters())
 
 
-def make_pair_files(model_patcher, rank: int, folder: Path):
-    """Write a seeded subject and style LoRA (kohya names, every attention projection) and return their paths."""
+def make_pair_files(model_patcher, rank: int, folder: Path, scale: float = 1.0):
+    """Write a seeded subject and style LoRA (kohya names, every attention projection) and return their paths.
+
+    ``scale`` multiplies every up factor (lora_factory.make_lora)."""
     from support import lora_factory  # tests/lora_factory.py
 
     paths = []
     for role, seed in (("subject", 1000 + rank), ("style", 2000 + rank)):
         sd, _ = lora_factory.make_lora(model_patcher, style="kohya", rank=rank, alpha=float(rank), scope="attn",
-                                       seed=seed)
+                                       seed=seed, scale=scale)
         path = folder / f"{role}_r{rank}.safetensors"
         lora_factory.save_lora(sd, path)
         paths.append(path)

@@ -78,8 +78,6 @@ def _prepare(patchers, clock):
 
 
 def _build(s, comfy_env, folder: Path):
-    import comfy.sd
-    import comfy.utils
 
     fuse_mod = comfy_env.import_pack_module("nodes.fuse")
     handles = comfy_env.import_pack_module("nodes.handles")

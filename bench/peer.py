@@ -1,8 +1,8 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """A reference-style stand-in for timing: K-LoRA the way the authors' code runs it (not their code).
 
-What it copies, for timing only, is the cost model the spec describes
-("Known defects of the reference code"): at EVERY forward of EVERY targeted
+What it copies, for timing only, is the cost model docs/method.md describes
+("Where this differs from the authors' code"): at EVERY forward of EVERY targeted
 layer it rebuilds both deltas ``up @ down``, runs top-K on both, decides, and
 applies the chosen delta; progress is a global counter of layer calls divided
 by ``steps x layers``.  It is written here from that description.

@@ -7,10 +7,9 @@
 Same scores as calling :func:`klora_core.scoring.delta_stats` per weight, to
 within 1e-6 relative (in practice ~1e-15): the same float32 products, except
 that ``torch.bmm`` and ``torch.mm`` (and one-row blocks) may round a product
-differently in the last bit, and the same float64 sums in another order.
-Measured on an SDXL-sized pair: largest relative difference 1.6e-15, all
-decisions identical (bench/score_sdxl.py).  Two changes in *how* the work is
-done:
+differently in the last bit, and the same float64 sums in another order
+(the measured differences and speed are in bench/README.md).  Two changes in
+*how* the work is done:
 
 1. **Grouping.** Weights whose deltas have the same kind (factors or dense),
    shape, rank, K and device are stacked and scored together: one batched
@@ -37,9 +36,8 @@ done:
      data, ties included (an entry equal to ``tau`` is kept); data with no
      spread (e.g. an all-zero delta) just gathers everything.
 
-   ``"auto"`` picks ``"threshold"`` on CPU and ``"topk"`` elsewhere.  The GPU
-   choice is not measured yet (no GPU was available when this was written);
-   see the README's Performance section.
+   ``"auto"`` picks ``"threshold"`` on CPU and ``"topk"`` elsewhere
+   (bench/README.md says which of these choices are measured).
 
 L1: accumulated in float64 from the float32 entries, like the per-layer
 path; on CPU through numpy, which casts in small buffers instead of making a
@@ -47,10 +45,6 @@ float64 copy of the block.  Finiteness: that sum is finite exactly when every
 entry is (float32 magnitudes cannot overflow a float64 sum), so the separate
 ``isfinite`` pass of the per-layer path is not needed.  A non-finite delta
 raises the same :class:`KLoRAError` as the per-layer path.
-
-Speed (bench/, CPU, single thread, SDXL-sized pair of 560 + 560 deltas):
-4.0x faster than the per-layer path at rank 8, 3.0x at rank 128; grouping
-alone (method "topk") buys 10-15 % of that.
 """
 from __future__ import annotations
 
@@ -68,7 +62,7 @@ from .errors import KLoRAError
 from .scoring import DEFAULT_BLOCK_ELEMENTS, DeltaStats, as_factors, delta_numel
 
 #: Default chunk budget on CPU: 4 Mi entries (16 MiB float32), about one SDXL
-#: cross-attention k/v delta (1280 x 2048); 1 Mi and 16 Mi were no faster here.
+#: cross-attention k/v delta (1280 x 2048); chosen by timing (bench/README.md).
 CPU_BLOCK_ELEMENTS = 4 * 1024 * 1024
 
 METHODS = ("auto", "threshold", "topk")
@@ -244,7 +238,7 @@ def _score_group(items: list, block_elements: int, method: str, done: Callable[[
 def _sum_float64(values: torch.Tensor):
     """Sum of float32 ``values`` accumulated in float64 (what the per-layer path does).
 
-    On CPU, numpy casts in small buffers while summing, about 3x faster than
+    On CPU, numpy casts in small buffers while summing, which is faster than
     torch, whose ``sum(dtype=float64)`` first copies the whole block to float64.
     """
     if _np is not None and values.device.type == "cpu":

@@ -1,4 +1,4 @@
-"""The global balance factor gamma (spec: "Global balance gamma")."""
+"""The global balance factor gamma (docs/method.md, "Global balance gamma")."""
 from __future__ import annotations
 
 import math

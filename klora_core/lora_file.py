@@ -1,8 +1,7 @@
-"""Read LoRA ``.safetensors`` files without ComfyUI (used by the CLI and tools).
+"""LoRA key names without ComfyUI: group a file's tensors into ``(up, down)`` per module.
 
-Only safetensors is read, through ``safetensors.torch.load_file``: pickle-based
-files (``.pt``, ``.pth``, ``.ckpt``, ``.bin``) can run arbitrary code when
-loaded and are refused with a message that says how to convert them.
+Used by the command line and the ``/klora/preview`` route.  The file itself is
+read by :func:`klora_core.safe_load.load_tensors` (safe loaders only).
 
 :func:`load_lora_file` returns ``{module_name: (up, down)}`` where
 ``up @ down`` is the scaled delta of that module's weight:
@@ -31,11 +30,10 @@ import re
 from typing import Iterable, Mapping, Union
 
 from .errors import KLoRAError
+from .name_aliases import comfy_spelling
+from .safe_load import load_tensors
 
 log = logging.getLogger(__name__)
-
-#: Suffixes of pickle-based checkpoint files, which are never loaded.
-PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 
 FORMATS = ("kohya", "diffusers", "peft", "unknown")
 FAMILIES = ("sd15", "sdxl", "flux", "unknown")
@@ -63,6 +61,7 @@ _PREFIXES = (
     ("model.diffusion_model.", ""),
     ("diffusion_model.", ""),
     ("lora_unet_", ""),
+    ("lora_prior_unet_", ""),
     ("lora_transformer_", ""),
     ("unet.", ""),
     ("transformer.", ""),
@@ -77,15 +76,6 @@ _LDM_INPUT = re.compile(r"^input_blocks_(?P<n>\d+)_1_" + _LDM_INNER + "$")
 _LDM_MIDDLE = re.compile(r"^middle_block_1_" + _LDM_INNER + "$")
 _LDM_OUTPUT = re.compile(r"^output_blocks_(?P<n>\d+)_1_" + _LDM_INNER + "$")
 
-_ATTENTION = re.compile(
-    r"(?:^|_)(?:attn\d?|attention|self_attn|img_attn|txt_attn)_"
-    r"(?:to_q|to_k|to_v|to_out_0|to_out|add_q_proj|add_k_proj|add_v_proj|to_add_out|"
-    r"q_proj|k_proj|v_proj|o_proj|out_proj|qkv|qkv_proj|to_qkv|to_kv|proj)$"
-    # FLUX single-stream blocks fuse q/k/v (+ MLP in) into linear1 and out (+ MLP out) into
-    # linear2; like klora_core.weight_keys, count them as attention projections.
-    r"|^single_blocks_\d+_linear[12]$"
-)
-
 PathLike = Union[str, os.PathLike]
 
 
@@ -98,14 +88,18 @@ def canonical_module_name(name: str) -> str:
     level (``to_out`` there becomes ``to_out_0``), write every ``.`` as ``_``,
     and rename the attention blocks of an LDM-named UNet (``input_blocks_4_1_``,
     ``middle_block_1_``, ``output_blocks_0_1_`` as kohya's SDXL trainer writes)
-    to their diffusers names (``down_blocks_1_attentions_0_`` ...).
+    to their diffusers names (``down_blocks_1_attentions_0_`` ...).  Diffusers-port
+    names of DiT families that differ from ComfyUI's only by name (Wan's
+    ``blocks_0_attn1_to_q`` = ``blocks_0_self_attn_q``, ...) take ComfyUI's spelling
+    (:mod:`klora_core.name_aliases`).
 
     Limits: the LDM renaming assumes two res blocks per UNet level (SD1.x,
     SD2.x, SDXL) and covers only attention blocks (res blocks, up/down
     samplers and conv_in/out keep LDM names, so they pair only with files
-    that use the same names).  FLUX files in the BFL layout (``double_blocks``,
-    fused ``qkv``) cannot pair with diffusers-layout FLUX files (separate
-    ``to_q``/``to_k``/``to_v``).  Text-encoder naming is normalised by prefix only.
+    that use the same names).  Files in ComfyUI's layout with fused weights
+    (FLUX/Chroma/HunyuanVideo ``double_blocks``, SD3.5, PixArt, Lumina 2 and
+    Z-Image ``qkv``) cannot pair with diffusers-port files that split them
+    (separate ``to_q``/``to_k``/``to_v``).  Text-encoder naming is normalised by prefix only.
     """
     out = name
     changed = True
@@ -121,6 +115,8 @@ def canonical_module_name(name: str) -> str:
         if out.endswith(".to_out"):
             out += ".0"
     out = out.replace(".", "_")
+    if not out.startswith(("te1_", "te2_")):
+        out = comfy_spelling(out)
     m = _LDM_INPUT.match(out)
     if m:
         n = int(m["n"]) - 1
@@ -134,17 +130,6 @@ def canonical_module_name(name: str) -> str:
         n = int(m["n"])
         return f"up_blocks_{n // 3}_attentions_{n % 3}_{m['rest']}"
     return out
-
-
-def is_attention_module(name: str) -> bool:
-    """True for attention projections (q, k, v, out) of the diffusion model.
-
-    ``name`` is a canonical name (see :func:`canonical_module_name`); text
-    encoder modules (``te1_``/``te2_``) are never attention modules here.
-    """
-    if name.startswith(("te1_", "te2_")):
-        return False
-    return _ATTENTION.search(name) is not None
 
 
 def _classify(key: str):
@@ -289,47 +274,9 @@ def lora_modules(state_dict: Mapping, strength: float = 1.0, *, source: str = "s
     return {k: out[k] for k in sorted(out, key=_natural_key)}
 
 
-def _sniff(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(16)
-
-
-def read_state_dict(path: PathLike) -> dict:
-    """Load a ``.safetensors`` file to CPU tensors; KLoRAError naming the file on any problem."""
-    path = os.fspath(path)
-    if path.lower().endswith(PICKLE_SUFFIXES):
-        raise KLoRAError(
-            f"{path}: pickle-based checkpoint files ({', '.join(PICKLE_SUFFIXES)}) can run code when loaded and are "
-            "not read; convert it to .safetensors first (e.g. with safetensors.torch.save_file in a trusted environment)"
-        )
-    if not os.path.exists(path):
-        raise KLoRAError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise KLoRAError(f"{path}: is a directory, expected a .safetensors LoRA file")
-    try:
-        head = _sniff(path)
-    except OSError as exc:
-        raise KLoRAError(f"{path}: cannot read file ({exc.strerror or exc})") from None
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-        raise KLoRAError(
-            f"{path}: this is a pickle/PyTorch checkpoint, not safetensors; convert it to .safetensors first"
-        )
-    if len(head) < 9 or head[8:9] != b"{":
-        raise KLoRAError(f"{path}: not a safetensors file (empty, truncated or another format)")
-    try:
-        from safetensors.torch import load_file
-    except ImportError:  # pragma: no cover - safetensors ships with ComfyUI
-        raise KLoRAError("the 'safetensors' package is required to read LoRA files") from None
-    try:
-        return load_file(path, device="cpu")
-    except Exception as exc:  # safetensors raises SafetensorError, OSError, ValueError...
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise KLoRAError(f"{path}: corrupt or truncated safetensors file ({detail})") from None
-
-
-def load_lora_file(path: PathLike, strength: float = 1.0) -> dict:
-    """``{canonical_module_name: (up, down)}`` of a LoRA ``.safetensors`` file (see module docstring)."""
-    sd = read_state_dict(path)
+def load_lora_file(path: PathLike, strength: float = 1.0, label: str = "LoRA") -> dict:
+    """``{canonical_module_name: (up, down)}`` of a LoRA file (see module docstring)."""
+    sd = load_tensors(path, label)
     modules = lora_modules(sd, strength, source=os.fspath(path))
     log.info("%s: %d LoRA modules, format %s, family %s", os.fspath(path), len(modules), detect_format(sd), detect_family(sd))
     return modules

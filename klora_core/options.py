@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """Every option a K-LoRA user sets, defined once: its name, choices, range and default.
 
-The K-LoRA Fuse node (``nodes/node_defs.py``), the ``/klora/preview`` route
+The K-LoRA Fuse node (``nodes/fuse_node.py``), the ``/klora/preview`` route
 (``nodes/preview_params.py``) and the command line (``klora_core/cli``) all
 read their choices, ranges and defaults from here, so they accept exactly the
 same values and answer the same way to a bad one (tests/test_options.py holds
@@ -20,8 +20,9 @@ __all__ = [
     "SCOPE_ATTENTION", "SCOPE_ALL", "SCOPES",
     "OUTSIDE_BOTH", "OUTSIDE_SUBJECT", "OUTSIDE_STYLE", "OUTSIDE_NONE", "OUTSIDE_CHOICES",
     "MEASURE_NOISE", "MEASURE_STEPS", "MEASURES", "CLI_SCOPES", "CLI_MEASURES",
+    "MODE_AUTO", "MODE_BAKE", "MODE_BYPASS", "MODE_LIVE", "MODE_CHOICES", "RUN_MODES",
     "FLIP_CACHE_AUTO", "FLIP_CACHE_OFF", "FLIP_CACHE_ON", "FLIP_CACHES",
-    "NumberRange", "STRENGTH", "ALPHA", "BETA", "STEPS", "resolve_beta", "check_choice", "check_schedule",
+    "NumberRange", "STRENGTH", "ALPHA", "BETA", "BETA_PATTERN_DEFAULT", "STEPS", "pattern_beta", "resolve_beta", "check_choice", "check_schedule",
 ]
 
 # ---- which weights K-LoRA switches ------------------------------------------------------------
@@ -46,6 +47,16 @@ FLIP_CACHE_AUTO = "auto"  # keep them when the device holding the weights has th
 FLIP_CACHE_OFF = "off"    # re-bake at every flip; memory as a plain LoRA merge
 FLIP_CACHE_ON = "on"      # always keep them (extra memory = the switched weights' size)
 FLIP_CACHES = (FLIP_CACHE_AUTO, FLIP_CACHE_OFF, FLIP_CACHE_ON)
+
+# ---- how the per-step choice reaches the weights (docs/modes.md) -----------------------------
+MODE_AUTO = "auto"
+MODE_BAKE = "bake"
+MODE_BYPASS = "bypass"
+MODE_LIVE = "live"
+#: What the K-LoRA Fuse node's ``mode`` input offers (auto picks one of the other three).
+MODE_CHOICES = (MODE_AUTO, MODE_BAKE, MODE_BYPASS, MODE_LIVE)
+#: The modes a fused model actually runs in.
+RUN_MODES = (MODE_BAKE, MODE_BYPASS, MODE_LIVE)
 
 #: Command-line spellings (``--scope attention``) of the node's combo values.
 CLI_SCOPES = {"attention": SCOPE_ATTENTION, "all": SCOPE_ALL}
@@ -84,16 +95,26 @@ class NumberRange:
 STRENGTH = NumberRange(-100.0, 100.0, 1.0, 0.01)
 #: Slope of the style factor over progress (paper: 1.5).
 ALPHA = NumberRange(0.0, 10.0, 1.5, 0.05)
-#: Offset of the style factor.  Any negative value (the default, -1) means the pattern's paper
-#: default: 0.5 for ``s``, 1.275 for ``s*`` (:func:`resolve_beta`).
-BETA = NumberRange(-1.0, 10.0, -1.0, 0.025)
+#: Offset of the style factor.  The default is pattern ``s``'s paper value, 0.5; the paper's value for
+#: ``s*`` is 1.275 (:data:`~klora_core.schedule.DEFAULTS`), and the frontend extension (web/klora.js)
+#: switches between the two when the pattern changes.  Negative values are kept for workflows saved
+#: with 0.1.0, where -1 (the default then) meant "the pattern's paper value": any negative beta still
+#: means that (:func:`resolve_beta`), so those workflows run unchanged.
+BETA = NumberRange(-1.0, 10.0, 0.5, 0.025)
+#: The 0.1.0 sentinel: a beta below 0 means the pattern's paper value (what an omitted beta means).
+BETA_PATTERN_DEFAULT = -1.0
 #: Sampling steps (command line) and columns of the selection map (node, preview).
 STEPS = NumberRange(1, 150, 20, 1, integer=True)
 
 
-def resolve_beta(beta: float, pattern: str) -> float:
-    """The beta actually used: the pattern's paper default when ``beta`` is negative."""
-    return DEFAULTS[check_pattern(pattern)][1] if beta < 0 else float(beta)
+def pattern_beta(pattern: str) -> float:
+    """The paper's beta for ``pattern``: 0.5 for ``s``, 1.275 for ``s*``."""
+    return DEFAULTS[check_pattern(pattern)][1]
+
+
+def resolve_beta(beta, pattern: str) -> float:
+    """The beta actually used: the pattern's paper value when ``beta`` is None or negative (0.1.0's -1)."""
+    return pattern_beta(pattern) if beta is None or beta < 0 else float(beta)
 
 
 def check_choice(name: str, value, choices) -> str:
@@ -107,5 +128,5 @@ def check_schedule(alpha, beta, pattern) -> tuple:
     """Validated ``(alpha, resolved beta, pattern)`` of a fuse request (node, preview or command line)."""
     pattern = check_choice("pattern", pattern, PATTERNS)
     alpha = ALPHA.check("alpha", alpha)
-    beta = BETA.check("beta", beta)
+    beta = BETA.check("beta", BETA_PATTERN_DEFAULT if beta is None else beta)
     return alpha, resolve_beta(beta, pattern), pattern

@@ -43,6 +43,8 @@ class KLoRAPlan:
         details: ``{key: WeightScore}`` for the keys both LoRAs cover, in input order.
         subject_only / style_only: keys only one LoRA covers (apply them as a plain LoRA would).
         alpha, beta, pattern: the style-factor schedule.
+        unswitched: display names of shared weights left outside the scope that look like
+            attention projections (not switched; the report and the selection map flag them).
     """
 
     gamma: float
@@ -53,6 +55,7 @@ class KLoRAPlan:
     beta: float
     pattern: str
     ratios: Mapping[str, float] = field(default_factory=dict)
+    unswitched: tuple = ()
 
     @property
     def scores(self) -> dict:

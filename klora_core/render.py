@@ -19,6 +19,7 @@ import re
 from typing import Callable, Optional
 
 from .errors import KLoRAError
+from .weight_keys import WRAPPER_PREFIX, block_of, display_key
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,6 @@ _RULE = (170, 170, 170)
 _PAD = 14
 _MAX_LABEL_PX = 250
 
-_PREFIX = re.compile(r"^(?:model\.diffusion_model\.|diffusion_model\.|lora_unet_|unet\.|transformer\.)")
-_GROUP = re.compile(r"(?:blocks?|layers)(?:[._]\d+)?")
 
 
 def _rgb(hex_color: str) -> tuple:
@@ -41,20 +40,19 @@ def _rgb(hex_color: str) -> tuple:
 
 
 def default_group(key: str) -> str:
-    """Block of a weight key: the name up to its first ``..._blocks_N`` / ``..._block`` / ``layers_N`` part.
+    """Block of a weight key (:func:`klora_core.weight_keys.block_of`, the one grouping rule).
 
     ``down_blocks_1_attentions_0_..._to_q`` -> ``down_blocks_1``;
     ``diffusion_model.input_blocks.4.1....`` -> ``input_blocks.4``;
-    ``double_blocks.3.img_attn.qkv.weight`` -> ``double_blocks.3``.
+    ``double_blocks.3.img_attn.qkv.weight`` -> ``double_blocks.3``;
+    ``noise_refiner.0.attention.qkv.weight`` -> ``noise_refiner.0``.
     """
-    name = _PREFIX.sub("", key)
-    m = _GROUP.search(name)
-    return name[: m.end()] if m else "other"
+    return block_of(key)
 
 
 def default_label(key: str, group: str) -> str:
     """Short row label: the key without its group part, ``.weight`` and wrapper prefixes."""
-    name = _PREFIX.sub("", key)
+    name = WRAPPER_PREFIX.sub("", key)
     if group and name.startswith(group):
         name = name[len(group):]
     name = re.sub(r"\.weight$", "", name).strip("._")
@@ -147,6 +145,28 @@ def _rows(plan, group_fn: Optional[Callable[[str], str]]) -> list:
     return rows
 
 
+def _short_names(keys, limit: int = 2) -> str:
+    keys = [display_key(k) for k in keys]
+    names = ", ".join(f"{block_of(k)} {default_label(k, block_of(k))}" for k in keys[:limit])
+    return names + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _coverage_footer(plan) -> list:
+    """Footer lines for what the grid does not show: one-sided weights, and attention left unswitched."""
+    lines = []
+    if plan.subject_only or plan.style_only:
+        lines.append(f"not shown: {len(plan.subject_only)} weights only in the subject LoRA, "
+                     f"{len(plan.style_only)} only in the style LoRA (applied as plain LoRAs)")
+        for label, keys in (("subject", plan.subject_only), ("style", plan.style_only)):
+            if keys:
+                lines.append(f"    only in the {label} LoRA: {_short_names(keys)}")
+    unswitched = getattr(plan, "unswitched", ())
+    if unswitched:
+        lines.append(f"NOT SWITCHED: {len(unswitched)} shared attention-like weights outside the scope: "
+                     f"{_short_names(unswitched)}")
+    return lines
+
+
 def render_selection_map(plan, steps: int, path=None, title: Optional[str] = None,
                          group_fn: Optional[Callable[[str], str]] = None):
     """Draw the subject/style choice of every weight at every step; return a ``PIL.Image`` (RGB).
@@ -199,9 +219,7 @@ def render_selection_map(plan, steps: int, path=None, title: Optional[str] = Non
     first, last = _counts(selection, 0), _counts(selection, steps - 1)
     footer = [f"first step (i=0): {first[0]} subject, {first[1]} style;   "
               f"last step (i={steps - 1}): {last[0]} subject, {last[1]} style"]
-    if plan.subject_only or plan.style_only:
-        footer.append(f"not shown: {len(plan.subject_only)} weights only in the subject LoRA, "
-                      f"{len(plan.style_only)} only in the style LoRA (applied as plain LoRAs)")
+    footer += _coverage_footer(plan)
 
     x0 = _PAD + yaxis_w + label_w
     y = _PAD

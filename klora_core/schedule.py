@@ -1,4 +1,4 @@
-"""The time-dependent style factor ``scale(p)`` of K-LoRA (spec: "The time-dependent style factor").
+"""The time-dependent style factor ``scale(p)`` of K-LoRA (docs/method.md, "The time-dependent style factor").
 
 ``p`` is the sampling progress in [0, 1): the fraction of the denoising schedule
 already done (step ``i`` of a full ``N``-step run has ``p = i / N``).

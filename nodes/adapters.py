@@ -19,6 +19,7 @@ from comfy.weight_adapter.lora import LoRAAdapter
 
 from ..klora_core.weight_keys import weight_name
 from .patching import original_weight
+from .quantized import dequantized, is_gguf_quantized
 from .units import is_parts, parts_patch_list, unit_offset
 
 
@@ -80,7 +81,10 @@ def dense_delta(value, unit_key, model_patcher, device) -> torch.Tensor:
     name = weight_name(unit_key)
     offset, function = unit_offset(unit_key)
     weight, convert_func = original_weight(model_patcher, name)
-    base = weight.to(device=device, dtype=torch.float32, copy=True)
+    if is_gguf_quantized(weight):  # packed bytes: ComfyUI-GGUF's own dequantization, logical shape
+        base = dequantized(weight, name, device)
+    else:
+        base = weight.to(device=device, dtype=torch.float32, copy=True)
     if convert_func is not None:
         base = convert_func(base, inplace=True)
     if is_parts(value):  # the whole weight, all of this side's slices

@@ -9,14 +9,21 @@ or a tuple ``(key, (dim, start, length))`` naming a slice of a fused weight
 ``comfy.lora.load_lora`` then looks for ``<base name><suffix>`` tensors
 (``.lora_up.weight``, ``.lora_A.weight``, ``.lora.down.weight``, ...).
 
-ComfyUI 0.3.75 (and current master) maps SD1.5/SDXL diffusers names only in
-the old attention-processor spelling (``unet.<...>.attn1.processor.to_q``), so
-files written by current diffusers/PEFT training scripts
-(``unet.<...>.attn1.to_q.lora_A.weight``, ``...to_q.lora.down.weight``,
-``base_model.model.<...>``) load ZERO attention tensors, silently. For FLUX it
-maps ``transformer.<diffusers name>`` but not the bare or
-``base_model.model.`` PEFT spellings. ``build_unet_key_map`` adds those names;
-it never changes an entry ComfyUI already has.
+ComfyUI maps each family's own module names (``lora_unet_<path>``,
+``diffusion_model.<path>``) and, for a few families, diffusers names.  Files
+written by trainers that use the diffusers port of a model load ZERO tensors
+there, silently: SD1.5/SDXL in current diffusers/PEFT spelling
+(``unet.<...>.attn1.to_q.lora_A.weight``; ComfyUI knows only the old
+``.processor.`` form), Wan (``transformer.blocks.0.attn1.to_q``), HunyuanVideo
+(``transformer.transformer_blocks.0.attn.to_q``), LTX-Video, Lumina 2, Z-Image
+in kohya spelling (``lora_unet_layers_0_attention_to_q``), and bare or
+``base_model.model.`` PEFT names of any family.  ``build_unet_key_map`` adds
+them (nodes/diffusers_names.py has the names); docs/families.md lists the
+naming styles tested per family.
+
+``load_lora_patches`` counts matched tensors as the ones ComfyUI's loader
+actually reads (everything else is reported as unmatched), so the Fuse
+report's counts hold for every naming style.
 """
 from __future__ import annotations
 
@@ -25,8 +32,8 @@ import logging
 from typing import NamedTuple
 
 import comfy.lora
-import comfy.model_base
-import comfy.utils
+
+from .diffusers_names import UNDERSCORED_PREFIXES, diffusers_module_names
 
 try:  # comfy.lora_convert exists since late 2024; older versions had no conversion step.
     from comfy.lora_convert import convert_lora as _convert_lora
@@ -35,24 +42,10 @@ except ImportError:  # pragma: no cover - depends on the ComfyUI version
 
 logger = logging.getLogger("klora.lora_keys")
 
-#: Prefixes under which SD1.5/SDXL diffusers/PEFT files name UNet modules:
-#: bare names (PEFT ``get_peft_model_state_dict`` of the UNet), ``unet.``
-#: (diffusers ``save_lora_weights``), ``base_model.model.`` (a saved PeftModel),
-#: and the nested spellings older PEFT reference scripts wrote.
-UNET_DIFFUSERS_PREFIXES = ("", "unet.", "base_model.model.", "base_model.model.unet.", "unet.base_model.model.")
-#: The same for FLUX transformer modules (``transformer.`` is ComfyUI's own).
-FLUX_DIFFUSERS_PREFIXES = (
-    "",
-    "transformer.",
-    "base_model.model.",
-    "base_model.model.transformer.",
-    "transformer.base_model.model.",
-)
-
 #: Every tensor-name suffix ComfyUI 0.3.75 reads after a key-map base name.
 #: Derived from ``comfy.lora.load_lora`` and ``Adapter.load`` in
 #: ``comfy/weight_adapter/{lora,loha,lokr,glora,oft,boft}.py``;
-#: tests/test_lora_parsing.py re-derives it from the ComfyUI source in use.
+#: tests/test_comfy_key_map.py re-derives it from the ComfyUI source in use.
 LORA_TENSOR_SUFFIXES = tuple(
     sorted(
         {
@@ -96,68 +89,44 @@ class LoraPatches(NamedTuple):
     unmatched_keys: list
 
 
-def _target_key(target) -> str:
-    """State-dict key of a key-map value (a str, or a tuple whose first item is the key)."""
-    return target if isinstance(target, str) else target[0]
-
-
-def _unet_diffusers_names(model, model_keys: set) -> dict:
-    """``{diffusers module name: model weight key}`` for an SD-style UNet (empty otherwise).
-
-    From ``comfy.utils.unet_to_diffusers`` (``"down_blocks.0.resnets.0.conv1.weight"``
-    -> ``"input_blocks.1.0.in_layers.2.weight"``), keeping ``to_out.0`` and
-    without ComfyUI's ``.processor.`` rewrite, limited to weights the model has.
-    """
-    unet_config = getattr(model.model_config, "unet_config", {}) or {}
-    out = {}
-    for name, ldm in comfy.utils.unet_to_diffusers(unet_config).items():
-        if not name.endswith(".weight"):
-            continue
-        target = "diffusion_model.{}".format(ldm)
-        if target in model_keys:
-            out[name[: -len(".weight")]] = target
-    return out
-
-
-def _flux_diffusers_names(model, model_keys: set) -> dict:
-    """``{diffusers module name: key-map value}`` for FLUX-family models (empty otherwise).
-
-    Values keep ComfyUI's form: ``(key, (0, start, length))`` for q/k/v/proj_mlp
-    slices of a fused weight, ``(key, None, swap_scale_shift)`` for norm_out.
-    """
-    if not isinstance(model, comfy.model_base.Flux):
-        return {}
-    mapping = comfy.utils.flux_to_diffusers(model.model_config.unet_config, output_prefix="diffusion_model.")
-    out = {}
-    for name, target in mapping.items():
-        if name.endswith(".weight") and _target_key(target) in model_keys:
-            out[name[: -len(".weight")]] = target
-    return out
+def _same_weight_other_slice(old, new) -> bool:
+    """Both values are slices of the same fused weight, at different rows (see build_unet_key_map)."""
+    return (isinstance(old, tuple) and isinstance(new, tuple) and len(old) == len(new) == 2
+            and old[0] == new[0] and old[1] != new[1])
 
 
 def build_unet_key_map(model_patcher) -> dict:
-    """Key map for the diffusion model of ``model_patcher``: ComfyUI's own plus modern names.
+    """Key map for the diffusion model of ``model_patcher``: ComfyUI's own plus the names trainers write.
 
     Returns a fresh dict ``{lora base name: model key | (key, offset[, fn])}``:
     ``comfy.lora.model_lora_keys_unet`` (always given a new dict: its default
-    argument is a shared mutable dict) extended with diffusers/PEFT names
-    under UNET_DIFFUSERS_PREFIXES / FLUX_DIFFUSERS_PREFIXES. Entries ComfyUI
-    already has are kept as they are.
+    argument is a shared mutable dict) extended with every family's diffusers
+    module names (nodes/diffusers_names.py) under the prefixes trainers use,
+    and with ``.`` written as ``_`` after ``lora_unet_``, ``lora_transformer_``
+    and ``lycoris_``.  Entries ComfyUI already has are kept as they are, with one
+    exception: where ComfyUI maps a name to a slice of a fused weight that is
+    not the slice the model's own widths give (ComfyUI 0.3.75-0.8.0 assume
+    Lumina 2's grouped-query k/v as wide as q), the right slice replaces it.
     """
     model = model_patcher.model
     key_map = comfy.lora.model_lora_keys_unet(model, {})
     model_keys = set(model.state_dict().keys())
-    extra = [(UNET_DIFFUSERS_PREFIXES, _unet_diffusers_names(model, model_keys)),
-             (FLUX_DIFFUSERS_PREFIXES, _flux_diffusers_names(model, model_keys))]
-    added = 0
-    for prefixes, names in extra:
+    added = corrected = 0
+    for prefixes, names in diffusers_module_names(model, model_keys):
         for name, target in names.items():
-            for prefix in prefixes:
-                key = prefix + name
-                if key not in key_map:
+            keys = [prefix + name for prefix in prefixes]
+            keys += [prefix + name.replace(".", "_") for prefix in UNDERSCORED_PREFIXES]
+            for key in keys:
+                old = key_map.get(key)
+                if old is None:
                     key_map[key] = target
                     added += 1
-    logger.debug("key map: %d entries (%d diffusers/PEFT names added)", len(key_map), added)
+                elif _same_weight_other_slice(old, target):
+                    key_map[key] = target
+                    corrected += 1
+    if corrected:
+        logger.info("key map: %d slices of fused weights corrected to the model's own widths", corrected)
+    logger.debug("key map: %d entries (%d trainer names added)", len(key_map), added)
     return key_map
 
 
@@ -205,6 +174,24 @@ class _DropMissingKeyLines(logging.Filter):
         return not str(record.msg).startswith("lora key not loaded")
 
 
+class _ReadTracker(dict):
+    """A state dict that records which tensors were read (``comfy.lora.load_lora`` reads what it loads)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.read = set()
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        self.read.add(key)
+        return value
+
+    def get(self, key, default=None):
+        if key in self:
+            self.read.add(key)
+        return super().get(key, default)
+
+
 def load_lora_patches(lora_state_dict, model_patcher, clip=None) -> LoraPatches:
     """Parse a LoRA state dict into ComfyUI patches with the extended key map.
 
@@ -213,14 +200,16 @@ def load_lora_patches(lora_state_dict, model_patcher, clip=None) -> LoraPatches:
     ``clip``: optional ``comfy.sd.CLIP`` whose text-encoder names are added, as
     ``comfy.sd.load_lora_for_models`` does (its patches land in the same dict;
     each patcher's ``add_patches`` ignores keys it does not own).
-    Logs one summary line (never one per key).
+    A tensor is matched when ComfyUI's loader reads it while building the
+    patches; every other tensor is unmatched.  Logs one summary line (never one per key).
     """
     key_map = build_unet_key_map(model_patcher) if model_patcher is not None else {}
     if clip is not None:
         key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
     sd = _convert_lora(lora_state_dict) if _convert_lora is not None else lora_state_dict
-    matched, unmatched = count_matched_tensors(sd, key_map)
-    patches = _load_lora_quietly(sd, key_map)
+    tracked = _ReadTracker(sd)
+    patches = _load_lora_quietly(tracked, key_map)
+    unmatched = sorted(k for k in tracked if k not in tracked.read)
     if unmatched:
         logger.warning(
             "LoRA: %d of %d tensors match no model weight and are ignored (e.g. %s); %d weights patched",
@@ -228,4 +217,4 @@ def load_lora_patches(lora_state_dict, model_patcher, clip=None) -> LoraPatches:
         )
     else:
         logger.info("LoRA: all %d tensors matched, %d weights patched", len(sd), len(patches))
-    return LoraPatches(patches, len(matched), len(unmatched), unmatched)
+    return LoraPatches(patches, len(tracked.read), len(unmatched), unmatched)

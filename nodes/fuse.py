@@ -7,28 +7,33 @@ before the clone is returned, so a failure leaves the user's model unpatched.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 
 import comfy.utils
 
 from ..klora_core import options, schedule
 from ..klora_core.errors import KLoRAError
-from ..klora_core.gamma import trimming
-from ..klora_core.weight_keys import display_key, is_attention_projection, weight_name
+from ..klora_core.weight_keys import display_key, weight_name
 from ..klora_core.plan import plan_from_scores, scores_at_strengths
 from .adapters import lora_factors
+from .attention_structure import attention_rule
+from .coverage import coverage_lines, unswitched_attention
+from .fuse_report import FuseReport, FuseSettings, WeightGroups
 from .handles import LoRAHandle
 from .comfy_key_map import load_lora_patches
-from .patching import MODE_BAKE, MODE_LIVE, MODES, FuseRun, install, make_switches
-from ..klora_core.options import (FLIP_CACHE_AUTO, FLIP_CACHES, MEASURE_NOISE, MEASURES, OUTSIDE_BOTH,
-                                  OUTSIDE_CHOICES, OUTSIDE_STYLE, OUTSIDE_SUBJECT, SCOPE_ALL, SCOPE_ATTENTION, SCOPES)
+from .patching import FuseRun, install, make_switches
+from ..klora_core.options import (FLIP_CACHE_AUTO, FLIP_CACHES, MEASURE_NOISE, MEASURES, MODE_AUTO, MODE_BAKE,
+                                  MODE_BYPASS, MODE_CHOICES, MODE_LIVE, OUTSIDE_BOTH, OUTSIDE_CHOICES, OUTSIDE_STYLE,
+                                  OUTSIDE_SUBJECT, SCOPE_ALL, SCOPE_ATTENTION, SCOPES)
+from .bypass_hooks import install_bypass
+from .modes import choose_mode
 from .pair_scores import score_units
+from .quantized import GGUF_LIVE_NOTE, host_live_weights, logical_shape, model_weight, storage_note
 from .rebake import describe as describe_flips
 from .units import expand, unify_layouts, unit_offset
 
 logger = logging.getLogger(__name__)
-
-_LOGGED: set = set()
 
 
 @dataclass
@@ -65,13 +70,17 @@ def _parse(handle: LoRAHandle, model_patcher):
     return patches, parsed.n_matched, parsed.n_unmatched
 
 
-def _check_shapes(handle: LoRAHandle, patches: dict, model_sd: dict) -> None:
-    """Every low-rank patch must fit the weight it targets (catches LoRAs for another family)."""
+def _check_shapes(handle: LoRAHandle, patches: dict, model_patcher) -> None:
+    """Every low-rank patch must fit the weight it targets (catches LoRAs for another family).
+
+    Shapes are read from the parameters (their logical shape, :func:`.quantized.logical_shape`), not from
+    ``model_state_dict()``, which holds packed placeholders for GGUF-quantized weights.
+    """
     for unit, value in patches.items():
         name = weight_name(unit)
-        weight = model_sd.get(name)
         factors = lora_factors(value)
-        if weight is None or factors is None or factors.reshape is not None:
+        weight = model_weight(model_patcher, name) if factors is not None else None
+        if weight is None or factors.reshape is not None:
             continue
         up, down, mid = factors.up, factors.down, factors.mid
         if up.dim() < 2 or down.dim() < 2 or up.flatten(1).shape[1] != down.shape[0]:
@@ -79,14 +88,23 @@ def _check_shapes(handle: LoRAHandle, patches: dict, model_sd: dict) -> None:
                 f"{handle.label()}: layer {display_key(unit)}: up {tuple(up.shape)} and down "
                 f"{tuple(down.shape)} do not share a rank; the file is corrupt"
             )
+        shape = logical_shape(weight)
         offset, _ = unit_offset(unit)
-        rows = offset[2] if offset is not None and offset[0] == 0 else weight.shape[0]
-        cols = weight[0].numel() if weight.dim() > 1 else 1
+        rows = offset[2] if offset is not None and offset[0] == 0 else shape[0]
+        cols = math.prod(shape[1:])
         if mid is None and (up.shape[0] != rows or down.flatten(1).shape[1] != cols):
             raise KLoRAError(
-                f"{handle.label()}: layer {display_key(unit)}: delta {up.shape[0]}x{down.flatten(1).shape[1]} "
-                f"does not fit the model weight {tuple(weight.shape)}; the LoRA was trained for another model"
+                f"{handle.label()}: layer {display_key(unit)}: LoRA delta {up.shape[0]}x{down.flatten(1).shape[1]} "
+                f"does not fit {_target_text(offset, rows, cols, shape)}{storage_note(weight)}; the LoRA was "
+                "trained for another model"
             )
+
+
+def _target_text(offset, rows: int, cols: int, shape) -> str:
+    """What a delta must fit: the weight, or its slice (a q/k/v part of a fused weight has its own width)."""
+    if offset is None or offset[0] != 0:
+        return f"the model weight of shape {tuple(shape)}"
+    return f"rows {offset[1]}..{offset[1] + rows} ({rows}x{cols}) of the model weight of shape {tuple(shape)}"
 
 
 def _model_order(model_sd: dict, units) -> list:
@@ -99,48 +117,15 @@ def _model_order(model_sd: dict, units) -> list:
     return sorted(units, key=sort_key)
 
 
-def choose_patcher_and_mode(model_patcher):
-    """``(patcher, mode)`` for the fused clone; mode is MODE_BAKE or MODE_LIVE (see nodes/patching.py).
-
-    Current ComfyUI's dynamic VRAM mode keeps patched weights cached per layer
-    and would not notice a re-bake.  Feature-detected: use ComfyUI's public
-    non-dynamic delegate (as its own hook LoRAs do) and bake; if there is none,
-    or it fails, stay dynamic and apply the chosen delta live through weight
-    wrappers, which ComfyUI runs at every forward in every mode (exact, slower).
-    Each fallback is logged once.
-    """
-    is_dynamic = getattr(model_patcher, "is_dynamic", None)
-    if is_dynamic is None or not is_dynamic():
-        return model_patcher, MODE_BAKE
-    delegate = getattr(model_patcher, "get_non_dynamic_delegate", None)
-    try:
-        candidate = delegate() if delegate is not None else None
-    except Exception as exc:  # e.g. "cached_patcher_init is not initialized"
-        logger.debug("non-dynamic delegate failed: %s", exc)
-        candidate = None
-    if candidate is not None and not getattr(candidate, "is_dynamic", lambda: False)():
-        _log_once("delegate", "K-LoRA: dynamic VRAM caches patched weights, so K-LoRA models run on ComfyUI's "
-                              "non-dynamic patcher (exact per-step switching)")
-        return candidate, MODE_BAKE
-    _log_once("live", "K-LoRA: no non-dynamic patcher is available in dynamic VRAM mode; applying the chosen "
-                      "LoRA live at every forward (exact, slower)")
-    return model_patcher, MODE_LIVE
-
-
-def _log_once(tag: str, message: str) -> None:
-    if tag not in _LOGGED:
-        _LOGGED.add(tag)
-        logger.info(message)
-
-
 def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: float = 1.5, beta: float = -1.0,
                pattern: str = schedule.PATTERN_S, scope: str = SCOPE_ATTENTION, outside_scope: str = OUTSIDE_BOTH,
-               progress_measure: str = MEASURE_NOISE, mode: str = None, flip_cache: str = FLIP_CACHE_AUTO) -> FuseResult:
+               progress_measure: str = MEASURE_NOISE, mode: str = MODE_AUTO,
+               flip_cache: str = FLIP_CACHE_AUTO) -> FuseResult:
     """Return a clone of ``model_patcher`` that applies K-LoRA during sampling, and a text report.
 
     ``beta < 0`` means the pattern's paper default (s: 0.5, s*: 1.275).
-    ``mode`` forces MODE_BAKE or MODE_LIVE (default: chosen by :func:`choose_patcher_and_mode`).
-    ``flip_cache``: kept variants auto / off / on (nodes/rebake.py).
+    ``mode``: one of options.MODE_CHOICES (auto: chosen by :func:`.modes.choose_mode`).
+    ``flip_cache``: kept variants auto / off / on, in bake mode (nodes/rebake.py).
     """
     if not isinstance(subject, LoRAHandle) or subject.role != "subject":
         raise KLoRAError("the subject input must come from a 'Load Subject LoRA' node")
@@ -150,20 +135,23 @@ def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: flo
     options.check_choice("outside_scope", outside_scope, OUTSIDE_CHOICES)
     options.check_choice("progress_measure", progress_measure, MEASURES)
     options.check_choice("flip_cache", flip_cache, FLIP_CACHES)
-    alpha, beta, pattern = options.check_schedule(alpha, options.BETA.default if beta is None else beta, pattern)
+    mode = options.check_choice("mode", MODE_AUTO if mode is None else mode, MODE_CHOICES)
+    alpha, beta, pattern = options.check_schedule(alpha, beta, pattern)
 
     model_sd = model_patcher.model_state_dict()
     subject_patches, s_matched, s_unmatched = _parse(subject, model_patcher)
     style_patches, t_matched, t_unmatched = _parse(style, model_patcher)
-    _check_shapes(subject, subject_patches, model_sd)
-    _check_shapes(style, style_patches, model_sd)
+    _check_shapes(subject, subject_patches, model_patcher)
+    _check_shapes(style, style_patches, model_patcher)
 
     subject_patches, style_patches, merged = unify_layouts(subject_patches, style_patches)
     shared = _model_order(model_sd, [k for k in subject_patches if k in style_patches])
     subject_only = _model_order(model_sd, [k for k in subject_patches if k not in style_patches])
     style_only = _model_order(model_sd, [k for k in style_patches if k not in subject_patches])
-    switched = [k for k in shared if scope == SCOPE_ALL or is_attention_projection(k)]
+    rule = attention_rule(model_patcher)
+    switched = [k for k in shared if scope == SCOPE_ALL or rule.is_projection(k)]
     outside = [k for k in shared if k not in set(switched)]
+    flagged = unswitched_attention(rule, outside)
 
     s_strength, t_strength = subject.strength, style.strength
     same_file = subject.sha256 == style.sha256
@@ -188,11 +176,11 @@ def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: flo
                                     alpha, beta, pattern)
         except KLoRAError as exc:
             raise KLoRAError(f"{subject.label()} + {style.label()}: {exc}") from None
+        plan = replace(plan, unswitched=tuple(display_key(k) for k in flagged))
 
-    fused, auto_mode = choose_patcher_and_mode(model_patcher.clone())
-    mode = mode or auto_mode
-    if mode not in MODES:
-        raise KLoRAError(f"unknown mode {mode!r}: expected one of {MODES}")
+    choice = None if plan is None else choose_mode(model_patcher, mode, plan.keys, subject_patches, style_patches,
+                                                   subject, style)
+    fused = model_patcher.clone() if choice is None else choice.patcher
     if subject_only:
         fused.add_patches(expand(subject_patches, subject_only), s_strength)
     if style_only:
@@ -206,15 +194,21 @@ def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: flo
         winner, strength = (style_patches, t_strength) if s_strength == 0.0 else (subject_patches, s_strength)
         fused.add_patches(expand(winner, switched), strength)
     else:
-        run = FuseRun(plan, progress_measure, mode, flip_cache=flip_cache)
+        # Bypass leaves every weight to its host, quantized or not: nothing is patched live for it.
+        host_live = frozenset() if choice.mode == MODE_BYPASS else host_live_weights(fused, map(weight_name, switched))
+        run = FuseRun(plan, progress_measure, choice.mode, host_live=host_live, flip_cache=flip_cache)
         install(fused, run, make_switches(plan.keys, subject_patches, style_patches, s_strength, t_strength, run))
-        if mode == MODE_BAKE:
-            names = {weight_name(k) for k in plan.keys}
-            notes.append(describe_flips(flip_cache, sum(model_sd[n].numel() * model_sd[n].element_size()
-                                                        for n in names), len(names)))
+        if choice.forms is not None:
+            install_bypass(fused, choice.forms, run.tracker)
+        if choice.mode == MODE_BAKE:
+            baked = {weight_name(k) for k in plan.keys} - host_live
+            if baked:
+                notes.append(describe_flips(flip_cache, sum(model_sd[n].numel() * model_sd[n].element_size()
+                                                            for n in baked), len(baked)))
     if merged:
         notes.append(f"{len(merged)} weights are covered by both files in different layouts (e.g. a fused qkv "
                      "and separate q/k/v): each is switched as one whole weight")
+    notes[:0] = coverage_lines(rule, scope, switched, flagged, outside_scope, subject_only, style_only)
     if same_file:
         notes.append("subject and style are the same file: both deltas are identical, so the result equals one "
                      "LoRA whose strength follows the schedule")
@@ -224,35 +218,35 @@ def fuse_model(model_patcher, subject: LoRAHandle, style: LoRAHandle, alpha: flo
         "style_matched": t_matched, "style_unmatched": t_unmatched,
         "switched": len(switched), "outside": len(outside),
         "subject_only": len(subject_only), "style_only": len(style_only),
+        "unswitched_attention": len(flagged),
+        "mode": None if choice is None else choice.mode,
     }
-    report = _report(model_patcher, subject, style, plan, stats, switched, outside, outside_scope,
-                     subject_only, style_only, progress_measure, scope, notes, alpha, beta, pattern)
+    if run is not None:
+        notes.insert(0, _mode_line(run, {weight_name(k) for k in switched}, choice.reason))
+    report = FuseReport(
+        model_family=model_family(model_patcher), subject=subject, style=style, plan=plan, stats=stats, notes=notes,
+        settings=FuseSettings(pattern, alpha, beta, scope, outside_scope, progress_measure),
+        weights=WeightGroups(switched, outside, subject_only, style_only),
+    ).text()
     logger.info("%s", report.splitlines()[0])
     return FuseResult(model=fused, report=report, plan=plan, run=run, stats=stats)
 
 
-def _report(model_patcher, subject, style, plan, stats, switched, outside, outside_scope, subject_only,
-            style_only, measure, scope, notes, alpha, beta, pattern) -> str:
-    lines = [
-        f"K-LoRA on {model_family(model_patcher)}: subject '{subject.name}' (strength {subject.strength:g}, "
-        f"{stats['subject_matched']} tensors matched, {stats['subject_unmatched']} unmatched) + style "
-        f"'{style.name}' (strength {style.strength:g}, {stats['style_matched']} matched, "
-        f"{stats['style_unmatched']} unmatched)",
-        f"pattern {pattern}, alpha {alpha:g}, beta {beta:g}; progress by {measure}; scope: {scope}",
-    ]
-    if plan is not None:
-        first = plan.choose(0.0)
-        last = plan.choose(1.0 - 1e-9)
-        n_first = sum(first.values())
-        n_last = sum(last.values())
-        _, dropped = trimming(plan.ratios.values())
-        lines.append(f"gamma {plan.gamma:.6g} (from {len(plan.ratios)} shared weights, {dropped} outliers dropped)")
-        lines.append(f"{len(switched)} weights switch per step: first step {n_first} subject / "
-                     f"{len(switched) - n_first} style; last step {n_last} subject / {len(switched) - n_last} style")
-    lines.append(f"{len(outside)} shared weights outside the scope: applied {outside_scope}")
-    for label, keys in (("only the subject covers", subject_only), ("only the style covers", style_only)):
-        sample = ", ".join(display_key(k) for k in keys[:3])
-        more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
-        lines.append(f"{len(keys)} weights {label} (applied as a plain LoRA)" + (f": {sample}{more}" if keys else ""))
-    lines.extend(notes)
-    return "\n".join(lines)
+_MODE_TEXT = {
+    MODE_BAKE: "bake: a weight is re-baked when its choice flips",
+    MODE_LIVE: "live: the chosen delta is added at every forward (weight wrappers)",
+    MODE_BYPASS: "bypass: weights untouched, the chosen LoRA is added at forward time",
+}
+
+
+def _mode_line(run: FuseRun, names: set, reason: str) -> str:
+    """How the per-step choice reaches the weights and why (nodes/modes.py), for the report."""
+    live = len(run.host_live & names)
+    own = _MODE_TEXT[run.mode]
+    if live == len(names):
+        line = f"mode {GGUF_LIVE_NOTE}, reading the current choice (nothing to re-bake)"
+    elif live:
+        line = f"mode {own} ({len(names) - live} weights); {GGUF_LIVE_NOTE} ({live} weights)"
+    else:
+        line = f"mode {own}"
+    return f"{line} ({reason})"

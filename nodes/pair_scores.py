@@ -137,7 +137,7 @@ def _score_one(unit, s_delta, t_delta, k, subject, style, device):
 
 
 def _score_lowrank(lowrank, subject, style, device, done, total, progress):
-    """``[(subject stats, style stats)]`` for low-rank units, batched (klora_core.batched: exact, 3-4x faster
+    """``[(subject stats, style stats)]`` for low-rank units, batched (klora_core.batched: exact, faster
     on CPU).  Out of memory there falls back to the per-layer path, which needs less and names the layer."""
     items = []
     for unit, s_delta, t_delta, k, _, _ in lowrank:

@@ -1,7 +1,7 @@
 """Everything K-LoRA does to a ModelPatcher, in one place.
 
-How the per-layer, per-step choice reaches the weights (spec: "Ways to switch
-a delta per layer per step", option 1, "bake at flip time"):
+How the per-layer, per-step choice reaches the weights (docs/architecture.md,
+"6. Switch" to "8. Restore", and "Why switch by re-baking"):
 
 1. :func:`install` puts one :class:`~.switch.KLoRASwitch` patch per shared
    weight into a *clone* of the user's model and registers two keyed wrappers.
@@ -26,6 +26,15 @@ current ComfyUI's dynamic VRAM mode without a non-dynamic delegate): no switch
 patches; a ComfyUI weight wrapper per weight adds the currently chosen delta to
 a copy of the weight at every forward.  Exact, but it pays the delta at every
 forward like the authors' code.
+
+Weights the host patches at every forward itself (GGUF-quantized weights under
+ComfyUI-GGUF, see :mod:`.quantized`): their switches always go into the patch
+list, which ComfyUI-GGUF applies at every forward, so the current choice is
+read live there in both modes; they are never re-baked (``FuseRun.host_live``).
+
+``MODE_BYPASS``: weights untouched (no switch in any patch list, host-patched
+weights included); :mod:`.bypass_hooks` adds the chosen LoRA's low-rank term
+to each switched module's output (the mode choice: :mod:`.modes`).
 """
 from __future__ import annotations
 
@@ -42,6 +51,7 @@ from comfy.patcher_extension import WrappersMP
 
 from ..klora_core.options import FLIP_CACHE_AUTO
 from ..klora_core.weight_keys import weight_name
+from ..klora_core.options import MODE_BAKE, MODE_BYPASS, MODE_LIVE, RUN_MODES as MODES  # noqa: F401 (re-exported)
 from ..klora_core.tracker import ChoiceTracker
 from .rebake import REBAKE_BATCHED, Rebaker
 from .sampling_progress import MEASURE_NOISE, ProgressMeter, current_sigma
@@ -49,10 +59,6 @@ from .switch import KLoRASwitch
 from .units import patch_entry
 
 logger = logging.getLogger(__name__)
-
-MODE_BAKE = "bake"
-MODE_LIVE = "live"
-MODES = (MODE_BAKE, MODE_LIVE)
 
 #: Keys our wrappers are registered under (several K-LoRA Fuse nodes may stack on one model).
 OUTER_SAMPLE_KEY = "klora.fuse.outer_sample"
@@ -74,11 +80,12 @@ class FuseRun:
     copies wrapper lists and patch lists, not the objects in them).
     """
 
-    def __init__(self, plan, measure: str = MEASURE_NOISE, mode: str = MODE_BAKE, flip_cache: str = FLIP_CACHE_AUTO,
-                 rebake_way: str = REBAKE_BATCHED):
+    def __init__(self, plan, measure: str = MEASURE_NOISE, mode: str = MODE_BAKE, host_live=frozenset(),
+                 flip_cache: str = FLIP_CACHE_AUTO, rebake_way: str = REBAKE_BATCHED):
         self.plan = plan
         self.measure = measure
         self.mode = mode
+        self.host_live = frozenset(host_live)  # weight names the host patches at every forward (GGUF)
         self.tracker = ChoiceTracker(plan, initial_progress=0.0)
         self.rebaker = Rebaker(self.tracker, rebake_way, flip_cache)  # nodes/rebake.py: how a flip reaches the weights
         self._meter = None
@@ -126,8 +133,11 @@ class FuseRun:
         return self._meter(current_sigma(transformer_options, t))
 
     def rebake(self, patcher, unit_keys) -> int:
-        """Make the baked weights behind ``unit_keys`` follow the current choice (nodes/rebake.py)."""
-        count = self.rebaker.rebake(patcher, unit_keys)
+        """Make the baked weights behind ``unit_keys`` follow the current choice (nodes/rebake.py).
+
+        Weights the host patches at every forward (``host_live``, GGUF) read the switch live: never re-baked."""
+        own = [k for k in unit_keys if weight_name(k) not in self.host_live]
+        count = self.rebaker.rebake(patcher, own) if own else 0
         self.rebaked += count
         return count
 
@@ -166,21 +176,28 @@ class LiveSwitches:
 def install(model_patcher, run: FuseRun, switches: dict, strength: float = 1.0) -> None:
     """Add ``switches`` ({unit_key: KLoRASwitch}) to ``model_patcher`` and register ``run``'s wrappers.
 
-    Bake mode: as patches.  Live mode: as weight wrappers.  ``model_patcher``
+    Bake mode: as patches.  Live mode: as weight wrappers.  Bypass mode: only the wrappers (the
+    forward hooks come from :func:`nodes.bypass_hooks.install_bypass`).  ``model_patcher``
     must be a clone the caller owns.
     """
     model_sd = model_patcher.model_state_dict()
     missing = [k for k in switches if weight_name(k) not in model_sd]
     if missing:
         raise RuntimeError(f"K-LoRA: the model has no weight for {missing[:3]} (and {max(len(missing) - 3, 0)} more)")
+    # The host applies its own patches live for these (and ignores weight wrappers there): patch list.
+    host_live = {k: s for k, s in switches.items() if weight_name(k) in run.host_live}
     if run.mode == MODE_LIVE:
         by_weight: dict = {}
         for unit, switch in switches.items():
-            by_weight.setdefault(weight_name(unit), []).append((unit, switch))
+            if unit not in host_live:
+                by_weight.setdefault(weight_name(unit), []).append((unit, switch))
         for name, entries in by_weight.items():
             model_patcher.add_weight_wrapper(name, LiveSwitches(name, entries))
-    else:
+        if host_live:
+            model_patcher.add_patches(host_live, strength)
+    elif run.mode == MODE_BAKE:
         model_patcher.add_patches(switches, strength)
+    # MODE_BYPASS: neither patches nor weight wrappers; nodes/bypass_hooks.py injects the forward hooks.
     model_patcher.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, OUTER_SAMPLE_KEY, run.outer_sample)
     model_patcher.add_wrapper_with_key(WrappersMP.APPLY_MODEL, APPLY_MODEL_KEY, run.apply_model)
 

@@ -13,7 +13,7 @@ subject        required: file name as listed in ComfyUI's loras folder
 style          required: file name as listed in ComfyUI's loras folder
 subject_strength  as "Load Subject LoRA"'s strength
 style_strength as "Load Style LoRA"'s strength
-alpha, beta    as K-LoRA Fuse's (beta negative = the pattern's default)
+alpha, beta    as K-LoRA Fuse's (beta omitted or negative = the pattern's paper value)
 pattern        "s" or "s*"
 scope          "attention projections" or "all shared weights"
 map_steps      as K-LoRA Fuse's map_steps (columns)
@@ -31,6 +31,7 @@ import math
 import ntpath
 import posixpath
 from dataclasses import dataclass
+from typing import Optional
 
 from ..klora_core import options, schedule
 from ..klora_core.options import ALPHA, BETA, SCOPE_ATTENTION, SCOPES, STEPS, STRENGTH
@@ -61,14 +62,15 @@ class PreviewRequestError(Exception):
 @dataclass(frozen=True)
 class PreviewParams:
     """A valid preview request: two LoRA file names, strengths (factors on each delta), the schedule
-    (alpha, beta < 0 = the pattern's default, see :attr:`resolved_beta`), scope and map_steps (columns)."""
+    (alpha, beta None or < 0 = the pattern's paper value, see :attr:`resolved_beta`), scope and map_steps
+    (columns)."""
 
     subject: str
     style: str
     subject_strength: float = STRENGTH.default
     style_strength: float = STRENGTH.default
     alpha: float = ALPHA.default
-    beta: float = BETA.default
+    beta: Optional[float] = None
     pattern: str = schedule.PATTERN_S
     scope: str = SCOPE_ATTENTION
     map_steps: int = STEPS.default
@@ -192,7 +194,7 @@ def parse_params(raw, from_query: bool, names=None) -> PreviewParams:
         subject_strength=_check_number("subject_strength", raw.get("subject_strength"), STRENGTH, from_query),
         style_strength=_check_number("style_strength", raw.get("style_strength"), STRENGTH, from_query),
         alpha=_check_number("alpha", raw.get("alpha"), ALPHA, from_query),
-        beta=_check_number("beta", raw.get("beta"), BETA, from_query),
+        beta=None if raw.get("beta") is None else _check_number("beta", raw.get("beta"), BETA, from_query),
         pattern=_check_choice("pattern", raw.get("pattern"), schedule.PATTERN_S, schedule.PATTERNS),
         scope=_check_choice("scope", raw.get("scope"), SCOPE_ATTENTION, SCOPES),
         map_steps=_check_int("map_steps", raw.get("map_steps"), STEPS, from_query),

@@ -3,11 +3,10 @@
 The frontend extension (``web/klora.js``) calls these while the user edits a
 "K-LoRA Fuse" node, so the selection map follows alpha, beta, pattern, scope,
 steps and the two loaders' files/strengths without queueing a prompt.  No
-model is needed: the two files are read with the pack's safe reader
-(``klora_core/lora_file.read_lora_file``: safetensors, or ``torch.load`` with
-``weights_only=True``), grouped into ``{canonical module: (up, down)}`` by
-``klora_core.lora_file.lora_modules`` and scored by ``klora_core.build_plan``.
-Module names are the file reader's canonical names (``down_blocks_1_...``),
+model is needed: ``nodes/preview_scores.py`` reads the two files (with the
+project's one LoRA reader, ``klora_core.safe_load.load_tensors``, which the
+loader nodes and the command line use too), scores and caches them.  Module
+names are the file reader's canonical names (``down_blocks_1_...``),
 not ComfyUI's model keys, so the rows may be named and ordered slightly
 differently from the node's own map; the decisions are the same wherever the
 two readers pair the same weights (see README "See the fusion").
@@ -18,11 +17,19 @@ map_steps) and its validation are ``nodes/preview_params.py``.
 
 Every problem with the request is a 400 with ``{"error": {"type", "param",
 "message"}}``; files that cannot be fused (no shared layer, corrupt file) are
-a 422 with the same shape.  Scores are computed once per pair of file
-*contents* (SHA-256) and scope, at strength 1, and kept in a bounded LRU
-cache; strengths and the schedule are applied afterwards, so dragging a
-slider never rescores.  Scoring runs in a worker thread so the server's event
-loop stays responsive.
+a 422 with the same shape.
+
+Scoring runs on the route's own two worker threads (:data:`WORKERS`), never in
+asyncio's default thread pool: aiohttp serves files from that pool (ComfyUI's
+``/view``), and previews waiting there for the scoring lock once held every
+one of its threads (``/view`` took 30.8 s instead of 1.3 ms with six slow
+previews in flight).  One pair is scored at a time; a request that needs
+scoring while another pair is being scored, or that finds :data:`MAX_WAITING`
+requests already waiting, gets a 503 ``{"error": {"type": "busy"}}`` with
+``Retry-After`` (the frontend retries), so no thread ever waits on the lock.
+
+Error messages name LoRA files as ComfyUI lists them (relative to the loras
+folder), never by their absolute path on the server.
 
 Registration is guarded: without a running ``server.PromptServer`` (e.g. when
 tests import the pack in-process) importing this module registers nothing.
@@ -35,150 +42,41 @@ import json
 import logging
 import os
 import sys
-import threading
-from collections import OrderedDict
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 
 from ..klora_core import schedule
 from ..klora_core.errors import KLoRAError
-from .preview_params import SCOPE_ATTENTION, PreviewParams, PreviewRequestError, parse_params
+from .preview_params import PreviewParams, PreviewRequestError, parse_params
+from .preview_scores import CACHE_PAIRS, PreviewBusy, cache_stats, clear_cache, make_plan  # noqa: F401 (API)
 
 logger = logging.getLogger(__name__)
 
 ROUTE_JSON = "/klora/preview"
 ROUTE_PNG = "/klora/preview.png"
+#: The option values the frontend extension needs (klora_core/options.py), so web/klora.js never re-types them.
+ROUTE_OPTIONS = "/klora/options"
 
 MAX_BODY_BYTES = 64 * 1024
 
-#: Pairs of files (x scope) whose scores are kept.
-CACHE_PAIRS = 16
+#: Threads of the route's own executor: one scores, the other answers cached requests meanwhile.
+WORKERS = 2
+#: Requests allowed to wait for a worker; beyond that the route answers "busy" at once.
+MAX_WAITING = 8
+#: Seconds the client is asked to wait before retrying a "busy" answer.
+RETRY_AFTER_S = 1
 
 
-# ---------------------------------------------------------------- scoring + cache
+# ---------------------------------------------------------------- the route's own executor
+
+_EXECUTOR = None  # ThreadPoolExecutor, made on first use
+_WAITING = 0  # requests submitted to the executor and not finished (changed on the event loop only)
 
 
-@dataclass(frozen=True)
-class _Scored:
-    """Scores of a file pair at strength 1 (one cache entry)."""
-
-    details: dict  # {canonical module: WeightScore}, in natural model order
-    subject_only: tuple
-    style_only: tuple
-    outside_scope: int  # shared diffusion-model modules outside the scope
-    subject_modules: int
-    style_modules: int
-
-
-_CACHE: "OrderedDict[tuple, _Scored]" = OrderedDict()
-_CACHE_LOCK = threading.Lock()
-_SCORE_LOCK = threading.Lock()  # one scoring at a time (bounded memory: two files read at once)
-_STATS = {"hits": 0, "misses": 0}
-
-
-def clear_cache() -> None:
-    with _CACHE_LOCK:
-        _CACHE.clear()
-        _STATS.update(hits=0, misses=0)
-
-
-def cache_stats() -> dict:
-    with _CACHE_LOCK:
-        return {"entries": len(_CACHE), "capacity": CACHE_PAIRS, **_STATS}
-
-
-def _full_path(name: str) -> str:
-    import folder_paths
-
-    path = folder_paths.get_full_path("loras", name)
-    if path is None or not os.path.isfile(path):
-        raise PreviewRequestError(None, f"LoRA '{name}' was listed but cannot be found any more; refresh",
-                                  kind="unknown_lora")
-    return path
-
-
-def _modules(path: str, label: str) -> dict:
-    from ..klora_core.lora_file import lora_modules
-    from .handles import read_lora_file
-
-    return lora_modules(read_lora_file(path, label), 1.0, source=label)
-
-
-def _score(subject_path: str, style_path: str, p: PreviewParams) -> _Scored:
-    from ..klora_core.lora_file import is_attention_module
-    from ..klora_core.plan import build_plan
-
-    subject = _modules(subject_path, f"subject LoRA '{p.subject}'")
-    style = _modules(style_path, f"style LoRA '{p.style}'")
-    # Text-encoder modules are never switched by the node (it patches the diffusion model only).
-    subject = {k: v for k, v in subject.items() if not k.startswith(("te1_", "te2_"))}
-    style = {k: v for k, v in style.items() if not k.startswith(("te1_", "te2_"))}
-    shared = [k for k in subject if k in style]
-    if not shared:
-        raise KLoRAError(f"subject LoRA '{p.subject}' and style LoRA '{p.style}' share no diffusion-model "
-                         "layer: they were trained for different models (or use names that cannot be paired)")
-    if p.scope == SCOPE_ATTENTION:
-        in_scope = [k for k in shared if is_attention_module(k)]
-        if not in_scope:
-            raise KLoRAError(f"the LoRAs share {len(shared)} layers but no attention projection; "
-                             "set scope to 'all shared weights'")
-    else:
-        in_scope = shared
-    kept = set(in_scope)
-    plan = build_plan({k: subject[k] for k in in_scope}, {k: style[k] for k in in_scope})  # scores only; schedule later
-    return _Scored(
-        details=dict(plan.details),
-        subject_only=tuple(k for k in subject if k not in style),
-        style_only=tuple(k for k in style if k not in subject),
-        outside_scope=len([k for k in shared if k not in kept]),
-        subject_modules=len(subject),
-        style_modules=len(style),
-    )
-
-
-def _cached(key: tuple):
-    """The cached scores for ``key`` (then the most recently used entry, counted as a hit), or None."""
-    with _CACHE_LOCK:
-        hit = _CACHE.get(key)
-        if hit is not None:
-            _CACHE.move_to_end(key)
-            _STATS["hits"] += 1
-        return hit
-
-
-def scored_pair(p: PreviewParams):
-    """``(_Scored, cache_hit)`` for the request's files and scope (strength-1 scores, cached)."""
-    from .handles import content_sha256
-
-    subject_path, style_path = _full_path(p.subject), _full_path(p.style)
-    key = (content_sha256(subject_path), content_sha256(style_path), p.scope)
-    hit = _cached(key)
-    if hit is not None:
-        return hit, True
-    with _SCORE_LOCK:
-        hit = _cached(key)  # computed by a concurrent request meanwhile?
-        if hit is not None:
-            return hit, True
-        scored = _score(subject_path, style_path, p)
-        with _CACHE_LOCK:
-            _STATS["misses"] += 1
-            _CACHE[key] = scored
-            while len(_CACHE) > CACHE_PAIRS:
-                _CACHE.popitem(last=False)
-    return scored, False
-
-
-def make_plan(p: PreviewParams):
-    """``(plan or None, scored, cache_hit, notes)``; plan None when a strength is 0."""
-    from ..klora_core.plan import plan_from_scores, scores_at_strengths
-
-    scored, hit = scored_pair(p)
-    notes = []
-    if p.subject_strength == 0.0 or p.style_strength == 0.0:
-        notes.append("one strength is 0: K-LoRA has nothing to balance, so every weight takes the other LoRA")
-        return None, scored, hit, notes
-    details = scores_at_strengths(scored.details, p.subject_strength, p.style_strength)
-    plan = plan_from_scores(details, scored.subject_only, scored.style_only, p.alpha, p.resolved_beta, p.pattern)
-    return plan, scored, hit, notes
+def _executor() -> ThreadPoolExecutor:
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        _EXECUTOR = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="klora-preview")
+    return _EXECUTOR
 
 
 def _groups(keys) -> list:
@@ -287,21 +185,54 @@ async def _read_params(request) -> PreviewParams:
     return parse_params(dict(query), from_query=True)
 
 
+def relative_names(message: str, p=None) -> str:
+    """``message`` with every absolute path of a LoRA file replaced by its name as ComfyUI lists it
+    (relative to its loras folder): the route answers clients, who need not see the server's folders."""
+    import folder_paths
+
+    if p is not None:
+        for name in (p.subject, p.style):
+            path = folder_paths.get_full_path("loras", name)
+            if path:
+                message = message.replace(path, name)
+    for folder in sorted(folder_paths.get_folder_paths("loras"), key=len, reverse=True):
+        for spelling in {folder, os.path.abspath(folder), os.path.realpath(folder)}:
+            message = message.replace(spelling.rstrip(os.sep) + os.sep, "")
+    return message
+
+
+def _busy_response(web):
+    return web.json_response(
+        {"error": {"type": "busy", "message": "the preview is scoring another pair of LoRA files; retry shortly"}},
+        status=503, headers={"Retry-After": str(RETRY_AFTER_S), "Cache-Control": "no-store"})
+
+
 async def _respond(request, render):
     from aiohttp import web
 
+    global _WAITING
     loop = asyncio.get_running_loop()
+    params = None
     try:
         params = await _read_params(request)
-        result = await loop.run_in_executor(None, render, params)
+        if _WAITING >= MAX_WAITING:
+            return _busy_response(web)
+        _WAITING += 1
+        try:
+            result = await loop.run_in_executor(_executor(), render, params)
+        finally:
+            _WAITING -= 1
+    except PreviewBusy:
+        return _busy_response(web)
     except PreviewRequestError as exc:
         return web.json_response(exc.payload(), status=exc.status)
     except KLoRAError as exc:
-        return web.json_response({"error": {"type": "cannot_fuse", "message": str(exc)}}, status=422)
+        return web.json_response({"error": {"type": "cannot_fuse", "message": relative_names(str(exc), params)}},
+                                 status=422)
     except Exception as exc:  # never let the frontend see an HTML 500 page
         logger.exception("K-LoRA preview failed")
-        return web.json_response({"error": {"type": "internal", "message": f"{type(exc).__name__}: {exc}"}},
-                                 status=500)
+        message = relative_names(f"{type(exc).__name__}: {exc}", params)
+        return web.json_response({"error": {"type": "internal", "message": message}}, status=500)
     headers = {"Cache-Control": "no-store"}
     if isinstance(result, bytes):
         return web.Response(body=result, content_type="image/png", headers=headers)
@@ -314,6 +245,25 @@ async def preview_json_handler(request):
 
 async def preview_png_handler(request):
     return await _respond(request, preview_png)
+
+
+def options_payload() -> dict:
+    """What web/klora.js reads once: each pattern's paper beta (it switches beta with the pattern) and
+    the ranges of beta and map_steps."""
+    from ..klora_core import options
+
+    return {
+        "version": 1,
+        "pattern_beta": {pattern: options.pattern_beta(pattern) for pattern in options.PATTERNS},
+        "beta": {"min": options.BETA.lo, "max": options.BETA.hi, "default": options.BETA.default},
+        "map_steps": {"min": options.STEPS.lo, "max": options.STEPS.hi, "default": options.STEPS.default},
+    }
+
+
+async def options_handler(request):
+    from aiohttp import web
+
+    return web.json_response(options_payload(), headers={"Cache-Control": "no-store"})
 
 
 def register(prompt_server=None) -> bool:
@@ -329,6 +279,7 @@ def register(prompt_server=None) -> bool:
     for path, handler in ((ROUTE_JSON, preview_json_handler), (ROUTE_PNG, preview_png_handler)):
         routes.get(path)(handler)
         routes.post(path)(handler)
+    routes.get(ROUTE_OPTIONS)(options_handler)
     logger.debug("K-LoRA: preview routes %s and %s registered", ROUTE_JSON, ROUTE_PNG)
     return True
 

@@ -1,6 +1,6 @@
 """Sampling progress inside ComfyUI: where in the denoising schedule a model call is.
 
-Two measures (spec: "The time-dependent style factor"):
+Two measures (docs/method.md, "Progress"):
 
 - ``noise level`` (default): the fraction of the denoising schedule already
   done, read from the current sigma with the model's own sampling object:

@@ -18,8 +18,21 @@
 #
 # Output folder: demo-output/ (or $KLORA_DEMO_OUT, or --out DIR).  Every
 # other argument goes to `python -m klora_core run` (see its --help).
+# `bash scripts/demo.sh --help` shows that help at once, without building
+# anything (the help needs only the standard library).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+for arg in "$@"; do
+  if [[ "$arg" == "-h" || "$arg" == "--help" ]]; then
+    HELP_PY="${KLORA_ENV_DIR:-$HOME/.cache/klora-comfyui}/venv/bin/python"
+    [[ -x "$HELP_PY" ]] || HELP_PY="${KLORA_PYTHON:-python3}"
+    echo "bash scripts/demo.sh [OPTIONS] = python -m klora_core run --out ${KLORA_DEMO_OUT:-demo-output} [OPTIONS]," \
+         "in the environment of scripts/setup_comfyui_env.sh (built on first use; KLORA_ENV_DIR moves it)."
+    echo
+    exec "$HELP_PY" -m klora_core run --help
+  fi
+done
 
 OUT_DIR="${KLORA_DEMO_OUT:-demo-output}"
 VPY="$(bash scripts/setup_comfyui_env.sh | tail -n 1)"

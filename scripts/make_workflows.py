@@ -2,7 +2,7 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """Write the example workflows in workflows/ (UI format) and workflows/api/ (API format).
 
-    python scripts/make_workflows.py            # rewrite all eight files
+    python scripts/make_workflows.py            # rewrite every file
     python scripts/make_workflows.py --check    # exit 1 if a file differs from what would be written
 
 One description per workflow produces both formats, so the graph the UI loads
@@ -35,10 +35,16 @@ WIDGETS = {
     "CheckpointLoaderSimple": ["ckpt_name"],
     "UNETLoader": ["unet_name", "weight_dtype"],
     "DualCLIPLoader": ["clip_name1", "clip_name2", "type", "device"],
+    "CLIPLoader": ["clip_name", "type", "device"],
+    "ModelSamplingSD3": ["shift"],
+    "ModelSamplingAuraFlow": ["shift"],
+    "EmptyHunyuanLatentVideo": ["width", "height", "length", "batch_size"],
+    "SaveAnimatedWEBP": ["filename_prefix", "fps", "lossless", "quality", "method"],
     "VAELoader": ["vae_name"],
     "KLoRASubjectLoader": ["lora_name", "strength", "strength_clip"],
     "KLoRAStyleLoader": ["lora_name", "strength", "strength_clip"],
-    "KLoRAFuse": ["pattern", "alpha", "beta", "scope", "outside_scope", "progress_measure", "map_steps", "flip_cache"],
+    "KLoRAFuse": ["pattern", "alpha", "beta", "scope", "outside_scope", "progress_measure", "map_steps", "mode",
+                  "flip_cache"],
     "CLIPTextEncode": ["text"],
     "FluxGuidance": ["guidance"],
     "ConditioningZeroOut": [],
@@ -55,6 +61,9 @@ WIDGETS = {
 }
 # Socket inputs (name, type) of each node type, in definition order.
 SOCKETS = {
+    "ModelSamplingSD3": [("model", "MODEL")],
+    "ModelSamplingAuraFlow": [("model", "MODEL")],
+    "SaveAnimatedWEBP": [("images", "IMAGE")],
     "KLoRASubjectLoader": [("clip", "CLIP")],
     "KLoRAStyleLoader": [("clip", "CLIP")],
     "KLoRAFuse": [("model", "MODEL"), ("subject", "KLORA_SUBJECT"), ("style", "KLORA_STYLE")],
@@ -73,6 +82,10 @@ OUTPUTS = {
     "CheckpointLoaderSimple": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
     "UNETLoader": [("MODEL", "MODEL")],
     "DualCLIPLoader": [("CLIP", "CLIP")],
+    "CLIPLoader": [("CLIP", "CLIP")],
+    "ModelSamplingSD3": [("MODEL", "MODEL")],
+    "ModelSamplingAuraFlow": [("MODEL", "MODEL")],
+    "EmptyHunyuanLatentVideo": [("LATENT", "LATENT")],
     "VAELoader": [("VAE", "VAE")],
     "KLoRASubjectLoader": [("subject", "KLORA_SUBJECT"), ("clip", "CLIP")],
     "KLoRAStyleLoader": [("style", "KLORA_STYLE"), ("clip", "CLIP")],
@@ -94,7 +107,9 @@ TITLES = {"KLoRASubjectLoader": "Load Subject LoRA", "KLoRAStyleLoader": "Load S
           "UNETLoader": "Load Diffusion Model", "VAELoader": "Load VAE", "CLIPTextEncode": "CLIP Text Encode (Prompt)",
           "EmptyLatentImage": "Empty Latent Image", "VAEDecode": "VAE Decode", "VAEEncode": "VAE Encode",
           "SaveImage": "Save Image", "PreviewImage": "Preview Image", "LoadImage": "Load Image",
-          "ImageScale": "Upscale Image"}
+          "ImageScale": "Upscale Image", "CLIPLoader": "Load CLIP", "ModelSamplingSD3": "ModelSamplingSD3",
+          "ModelSamplingAuraFlow": "ModelSamplingAuraFlow", "EmptyHunyuanLatentVideo": "Empty HunyuanVideo 1.0 Latent",
+          "SaveAnimatedWEBP": "SaveAnimatedWEBP"}
 
 
 class Graph:
@@ -222,14 +237,15 @@ class Graph:
         return prompt
 
 
-FUSE_SIZE = [400, 700]  # room for the live preview and, after a run, the map image
+FUSE_SIZE = [400, 470]  # the widgets and the live preview; after a run web/klora.js grows it for the report
 LOADER_SIZE = [320, 130]
 
 NOTE_COMMON = (
     "K-LoRA picks ONE of the two LoRA deltas for every attention weight at every step: "
     "the subject's where T_S / gamma > T_T * scale(p), else the style's. The live map on "
     "'K-LoRA Fuse' (blue = subject, orange = style) follows alpha, beta, pattern and the loaders "
-    "as you edit; after a run the node shows the same map for the real run.\n\n"
+    "as you edit, and map_steps follows the KSampler's steps; after a run the node shows the report and the "
+    "same map for the real run.\n\n"
 )
 
 PROMPT = "a sks dog in watercolor painting style"
@@ -256,11 +272,12 @@ def add_lora_loaders(g: Graph, family: str, clip, subject_y: int, style_y: int) 
 
 
 def add_fuse(g: Graph, model, subject: int, style: int, pattern: str, beta: float, map_steps: int) -> int:
-    """K-LoRA Fuse with alpha 1.5, attention projections, both LoRAs outside the scope, noise-level progress."""
+    """K-LoRA Fuse with alpha 1.5, attention projections, both LoRAs outside the scope, noise-level progress,
+    mode auto."""
     return g.add("KLoRAFuse", [380, 40], FUSE_SIZE,
                  {"pattern": pattern, "alpha": 1.5, "beta": beta, "scope": "attention projections",
                   "outside_scope": "both", "progress_measure": "noise level", "map_steps": map_steps,
-                  "flip_cache": "auto"},
+                  "mode": "auto", "flip_cache": "auto"},
                  {"model": model, "subject": (subject, 0), "style": (style, 0)})
 
 
@@ -271,11 +288,11 @@ def add_prompt(g: Graph, clip, y: int, title: str) -> int:
 
 
 def checkpoint_front(g: Graph, ckpt_name: str, family: str, map_steps: int, negative: str) -> tuple:
-    """The SD1.5/SDXL layout: checkpoint -> LoRA loaders -> K-LoRA Fuse (pattern s, beta -1) and the
+    """The SD1.5/SDXL layout: checkpoint -> LoRA loaders -> K-LoRA Fuse (pattern s, beta 0.5) and the
     positive and negative prompts.  Returns the node ids ``(ckpt, fuse, positive, negative)``."""
     ckpt = g.add("CheckpointLoaderSimple", [0, 40], [320, 100], {"ckpt_name": ckpt_name})
     subject, style = add_lora_loaders(g, family, (ckpt, 1), 200, 380)
-    fuse = add_fuse(g, (ckpt, 0), subject, style, "s", -1.0, map_steps)
+    fuse = add_fuse(g, (ckpt, 0), subject, style, "s", 0.5, map_steps)
     pos = add_prompt(g, (style, 1), 560, "Positive prompt")
     neg = g.add("CLIPTextEncode", [0, 730], [380, 100], {"text": negative}, {"clip": (style, 1)},
                 title="Negative prompt", color=NEGATIVE_COLOR)
@@ -284,19 +301,22 @@ def checkpoint_front(g: Graph, ckpt_name: str, family: str, map_steps: int, nega
 
 def add_empty_latent(g: Graph, node_type: str, size: int) -> int:
     """An empty ``size`` x ``size`` pixel latent, batch 1 (``EmptyLatentImage`` or ``EmptySD3LatentImage``)."""
-    return g.add(node_type, [380, 800], [300, 110], {"width": size, "height": size, "batch_size": 1})
+    # Below K-LoRA Fuse, which web/klora.js grows after a run (report and map image).
+    return g.add(node_type, [380, 960], [300, 110], {"width": size, "height": size, "batch_size": 1})
 
 
 def add_sampling(g: Graph, fuse: int, positive, negative, latent, vae, steps: int, cfg: float, scheduler: str,
-                 denoise: float, prefix: str) -> None:
-    """KSampler (seed 0, euler) on the fused model -> VAE Decode -> Save Image (``prefix``), and a
-    Preview Image of K-LoRA Fuse's selection map."""
+                 denoise: float, prefix: str, sampler_name: str = "euler", save: tuple = None) -> None:
+    """KSampler (seed 0) on the fused model -> VAE Decode -> Save Image (``prefix``), and a
+    Preview Image of K-LoRA Fuse's selection map.  ``save``: ``(node type, widgets)`` of another
+    saving node (an animation for video models) instead of Save Image."""
     sampler = g.add("KSampler", [820, 40], [300, 270],
-                    {"seed": 0, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": scheduler,
+                    {"seed": 0, "steps": steps, "cfg": cfg, "sampler_name": sampler_name, "scheduler": scheduler,
                      "denoise": denoise},
                     {"model": (fuse, 0), "positive": positive, "negative": negative, "latent_image": latent})
     decode = g.add("VAEDecode", [820, 360], [220, 50], links={"samples": (sampler, 0), "vae": vae})
-    g.add("SaveImage", [1180, 40], [400, 440], {"filename_prefix": prefix}, {"images": (decode, 0)})
+    save_type, widgets = save or ("SaveImage", {"filename_prefix": prefix})
+    g.add(save_type, [1180, 40], [400, 440], widgets, {"images": (decode, 0)})
     g.add("PreviewImage", [820, 460], [320, 360], links={"images": (fuse, 2)}, title="Selection map")
 
 
@@ -312,8 +332,8 @@ def sdxl() -> Graph:
         "watercolor painting style': 'sks' is the subject LoRA's DreamBooth token, 'watercolor painting "
         "style' the style LoRA's trigger words. Replace both with YOUR LoRAs' trigger words.\n\n"
         + NOTE_COMMON +
-        "Defaults as in the paper: pattern s, alpha 1.5, beta -1 (= 0.5), attention projections, "
-        "50 steps (set map_steps to your step count). Higher beta or alpha favours the style."
+        "Defaults as in the paper: pattern s, alpha 1.5, beta 0.5, attention projections, "
+        "50 steps. Higher beta or alpha favours the style."
     ))
     ckpt, fuse, pos, neg = checkpoint_front(g, "sd_xl_base_1.0.safetensors", "sdxl", 50, "")
     latent = add_empty_latent(g, "EmptyLatentImage", 1024)
@@ -363,7 +383,7 @@ def sd15() -> Graph:
         "Prompt: 'a sks dog in watercolor painting style': 'sks dog' is the subject LoRA's trigger word "
         "and class, 'watercolor painting style' the style LoRA's trigger words; use your LoRAs' own.\n\n"
         + NOTE_COMMON +
-        "Pattern s, alpha 1.5, beta -1 (= 0.5), 30 steps (map_steps = 30)."
+        "Pattern s, alpha 1.5, beta 0.5, 30 steps."
     ))
     ckpt, fuse, pos, neg = checkpoint_front(g, "v1-5-pruned-emaonly-fp16.safetensors", "sd15", 30,
                                             "blurry, low quality")
@@ -390,16 +410,101 @@ def img2img() -> Graph:
     ))
     ckpt, fuse, pos, neg = checkpoint_front(g, "v1-5-pruned-emaonly-fp16.safetensors", "sd15", 30,
                                             "blurry, low quality")
-    image = g.add("LoadImage", [380, 800], [300, 320], {"image": "example.png"})
-    scaled = g.add("ImageScale", [380, 1160], [300, 130],
+    image = g.add("LoadImage", [380, 960], [300, 320], {"image": "example.png"})
+    scaled = g.add("ImageScale", [380, 1320], [300, 130],
                    {"upscale_method": "bicubic", "width": 512, "height": 512, "crop": "center"},
                    {"image": (image, 0)})
-    encode = g.add("VAEEncode", [820, 880], [220, 50], links={"pixels": (scaled, 0), "vae": (ckpt, 2)})
+    encode = g.add("VAEEncode", [820, 960], [220, 50], links={"pixels": (scaled, 0), "vae": (ckpt, 2)})
     add_sampling(g, fuse, (pos, 0), (neg, 0), (encode, 0), (ckpt, 2), 30, 7.5, "normal", 0.6, "klora/img2img")
     return g
 
 
-WORKFLOWS = (sdxl, flux, sd15, img2img)
+def diffusion_model_front(g: Graph, family: str, title: str, files: tuple, clip_type: str, sampling: tuple,
+                          map_steps: int, trained_for: str, remark: str) -> tuple:
+    """The layout of a diffusion-model family: note, UNETLoader -> ModelSampling* (shift) -> K-LoRA Fuse
+    (pattern s, beta 0.5), CLIPLoader -> the two LoRA loaders -> the prompt.  ``files``: (diffusion model,
+    text encoder, VAE, a remark on the model file) ; ``sampling``: (node type, shift); ``trained_for``: the
+    model the LoRAs need.  Returns ``(fuse, positive, style loader, vae)``."""
+    unet_name, clip_name, vae_name, unet_remark = files
+    add_note(g, 520, (
+        f"K-LoRA on {title}\n\nLoad:\n"
+        f"- models/diffusion_models/{unet_name}{unet_remark}\n"
+        f"- models/text_encoders/{clip_name}\n"
+        f"- models/vae/{vae_name}\n"
+        f"- models/loras/: a SUBJECT LoRA and a STYLE LoRA trained for {trained_for}.\n\n"
+        + NOTE_FAMILY + " " + remark))
+    unet = g.add("UNETLoader", [0, 40], [320, 90], {"unet_name": unet_name, "weight_dtype": "default"})
+    clip = g.add("CLIPLoader", [0, 170], [320, 110], {"clip_name": clip_name, "type": clip_type, "device": "default"})
+    vae = g.add("VAELoader", [0, 320], [320, 60], {"vae_name": vae_name})
+    shifted = g.add(sampling[0], [0, 420], [320, 60], {"shift": sampling[1]}, {"model": (unet, 0)})
+    subject, style = add_lora_loaders(g, family, (clip, 0), 520, 690)
+    fuse = add_fuse(g, (shifted, 0), subject, style, "s", 0.5, map_steps)
+    pos = add_prompt(g, (style, 1), 880, "Prompt")
+    return fuse, pos, style, vae
+
+
+def add_negative(g: Graph, clip, y: int, text: str) -> int:
+    """The negative prompt at (0, y)."""
+    return g.add("CLIPTextEncode", [0, y], [380, 100], {"text": text}, {"clip": clip}, title="Negative prompt",
+                 color=NEGATIVE_COLOR)
+
+
+NOTE_FAMILY = (
+    "Prompt: 'a sks dog in watercolor painting style': replace 'sks dog' with your subject LoRA's "
+    "trigger word and class, and 'watercolor painting style' with your style LoRA's trigger words.\n\n"
+    + NOTE_COMMON +
+    "LoRA files from musubi-tuner, diffusion-pipe, ai-toolkit, diffusers/PEFT or OneTrainer all load "
+    "(docs/families.md); subject and style may come from different trainers. Pattern s, alpha 1.5, "
+    "beta 0.5."
+)
+
+
+def wan_t2v() -> Graph:
+    g = Graph("klora_wan_t2v")
+    fuse, pos, style, vae = diffusion_model_front(
+        g, "wan", "Wan 2.x text-to-video",
+        ("wan2.1_t2v_1.3B_fp16.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan_2.1_vae.safetensors",
+         " (or the 14B model, or Wan 2.2 TI2V 5B with its wan2.2_vae)"), "wan", ("ModelSamplingSD3", 8.0), 30,
+        "the same Wan model", "K-LoRA switches every self- and cross-attention projection of every block.")
+    neg = add_negative(g, (style, 1), 1050, "blurry, static, low quality, deformed")
+    latent = g.add("EmptyHunyuanLatentVideo", [380, 800], [300, 130],
+                   {"width": 832, "height": 480, "length": 33, "batch_size": 1})
+    add_sampling(g, fuse, (pos, 0), (neg, 0), (latent, 0), (vae, 0), 30, 6.0, "simple", 1.0, "klora/wan",
+                 sampler_name="uni_pc", save=("SaveAnimatedWEBP", {"filename_prefix": "klora/wan", "fps": 16.0,
+                                                                    "lossless": False, "quality": 90,
+                                                                    "method": "default"}))
+    return g
+
+
+def qwen_image() -> Graph:
+    g = Graph("klora_qwen_image")
+    fuse, pos, style, vae = diffusion_model_front(
+        g, "qwen_image", "Qwen-Image",
+        ("qwen_image_fp8_e4m3fn.safetensors", "qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_image_vae.safetensors",
+         ""), "qwen_image", ("ModelSamplingAuraFlow", 3.1), 20, "Qwen-Image",
+        "K-LoRA switches the image and text streams' attention projections.")
+    neg = add_negative(g, (style, 1), 1050, " ")
+    latent = add_empty_latent(g, "EmptySD3LatentImage", 1328)
+    add_sampling(g, fuse, (pos, 0), (neg, 0), (latent, 0), (vae, 0), 20, 2.5, "simple", 1.0, "klora/qwen_image")
+    return g
+
+
+def z_image() -> Graph:
+    g = Graph("klora_z_image")
+    fuse, pos, _style, vae = diffusion_model_front(
+        g, "z_image", "Z-Image (Turbo)",
+        ("z_image_turbo_bf16.safetensors", "qwen_3_4b.safetensors", "ae.safetensors", ""), "lumina2",
+        ("ModelSamplingAuraFlow", 3.0), 9, "Z-Image",
+        "Turbo samples in 9 steps at cfg 1; K-LoRA switches every attention qkv and out "
+        "projection, the refiners' included. The VAE is FLUX.1's ae.safetensors.")
+    negative = g.add("ConditioningZeroOut", [0, 1050], [240, 30], links={"conditioning": (pos, 0)})
+    latent = add_empty_latent(g, "EmptySD3LatentImage", 1024)
+    add_sampling(g, fuse, (pos, 0), (negative, 0), (latent, 0), (vae, 0), 9, 1.0, "simple", 1.0, "klora/z_image",
+                 sampler_name="res_multistep")
+    return g
+
+
+WORKFLOWS = (sdxl, flux, sd15, img2img, wan_t2v, qwen_image, z_image)
 
 
 def rendered() -> dict:

@@ -5,6 +5,13 @@ model fixtures). When ComfyUI cannot be imported those tests ERROR with a
 message pointing at scripts/setup_comfyui_env.sh; nothing is skipped
 silently. Importing this file never imports ComfyUI, so tests that only need
 ``klora_core`` run without it.
+
+Every test that reaches ComfyUI carries the marker ``comfyui``: added here to
+each test that uses the ``comfy`` fixture (directly or through another
+fixture) or is marked ``server``; tests that reach ComfyUI another way (a
+subprocess, ``comfy_env.find_comfy_root``) mark themselves.  scripts/test.sh
+runs ``-m comfyui`` again on the second tested ComfyUI; a test that asks
+``support.comfy_env`` for ComfyUI without the marker fails, so none is missed.
 """
 from __future__ import annotations
 
@@ -31,11 +38,41 @@ def pytest_configure(config):
     """Run torch single-threaded unless KLORA_TEST_THREADS says otherwise.
 
     The test models are tiny: intra-op threads buy nothing, and on a shared
-    2-core machine (parallel test runs) OpenMP spin-waiting made a 4-step
-    tiny-UNet sampling run 30-100x slower (0.3 s single-threaded against
-    10-15 s with 2 threads, measured).
+    machine (parallel test runs) OpenMP spin-waiting made tiny-UNet sampling
+    many times slower (figures: bench/README.md, "The test models").
     """
     torch.set_num_threads(int(os.environ.get("KLORA_TEST_THREADS", "1")))
+
+
+def pytest_report_header(config):
+    """Which ComfyUI this run tests (scripts/test.sh runs the suite once per version)."""
+    try:
+        root = comfy_env.find_comfy_root()
+    except comfy_env.ComfyEnvError as exc:
+        return f"ComfyUI: not found ({exc})"
+    try:
+        version = comfy_env.comfy_version(root)
+    except (OSError, AttributeError):  # a checkout without comfyui_version.py (older ComfyUI)
+        version = "version unknown"
+    return f"ComfyUI: {version} at {root}; python {sys.executable}"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that uses the ``comfy`` fixture or starts a server ``comfyui``."""
+    for item in items:
+        if "comfy" in getattr(item, "fixturenames", ()) or item.get_closest_marker("server") is not None:
+            item.add_marker(pytest.mark.comfyui)
+
+
+@pytest.fixture(autouse=True)
+def _comfyui_marker_guard(request):
+    """Fail a test that asks for ComfyUI (``support.comfy_env``) without the ``comfyui`` marker."""
+    before = comfy_env.lookups
+    yield
+    if comfy_env.lookups != before and request.node.get_closest_marker("comfyui") is None:
+        pytest.fail(f"{request.node.nodeid} reaches ComfyUI but is not marked 'comfyui': use the comfy fixture "
+                    "or add @pytest.mark.comfyui, so that scripts/test.sh also runs it on the second ComfyUI",
+                    pytrace=False)
 
 
 @pytest.fixture(scope="session")

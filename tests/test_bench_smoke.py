@@ -2,7 +2,7 @@
 """Smoke tests of the benchmarks: ``bench/bench.py --quick`` and ``bench/flips.py --quick`` produce the
 table, the JSON and the .md.
 
-Runs the real driver (tiny model, a few seconds per part; about 30-60 s on
+Runs the real driver (tiny model, a few seconds per part; about 60-90 s on
 this project's 2-core CPU machine, most of it process start-up and ComfyUI
 imports) with the interpreter running pytest, into a temporary folder, so
 the committed results in bench/results are never touched.
@@ -18,6 +18,7 @@ import time
 import pytest
 
 from support import comfy_env
+from support import gguf_pack
 
 REPO = comfy_env.REPO_ROOT
 
@@ -36,6 +37,7 @@ def run_quick(script: str, tmp_path, timeout: float):
 
 
 @pytest.mark.slow
+@pytest.mark.comfyui
 def test_bench_quick_writes_table_and_json(tmp_path):
     t0 = time.perf_counter()
     proc = run_quick("bench.py", tmp_path, 300)
@@ -52,7 +54,7 @@ def test_bench_quick_writes_table_and_json(tmp_path):
     data = json.loads(js.read_text())
     assert data["quick"] is True
     assert data["machine"]["torch_threads"] == 1
-    for part in ("sampling", "scoring", "memory"):
+    for part in ("sampling", "scoring", "memory", "quantized"):
         assert part in data, part
     rank = data["sampling"]["ranks"]["4"]
     assert set(rank["median"]) == {"klora", "merge", "peer"}
@@ -62,11 +64,20 @@ def test_bench_quick_writes_table_and_json(tmp_path):
     assert data["scoring"]["fused_kernel"] == "skipped (no GPU)"
     assert "skipped (no GPU)" in proc.stdout
     assert data["memory"]["klora"]["peak_rss_mib"] > 0 and data["memory"]["merge"]["peak_rss_mib"] > 0
+    fp8 = data["quantized"]["formats"]["fp8_e4m3fn"]  # (e): baked, re-baked at flips
+    assert fp8["median"]["klora"] > 0 and fp8["median"]["merge"] > 0 and fp8["rebaked_per_image"][-1] > 0
+    gguf = data["quantized"]["formats"]["Q8_0"]  # live through the real ComfyUI-GGUF (a string: skipped, why)
+    if isinstance(gguf, str):
+        gguf_pack.require()  # skips (or fails under CI) with the reason when ComfyUI-GGUF is unavailable here
+        pytest.fail(f"the benchmark skipped GGUF although the tests can run it: {gguf}")
+    assert gguf["rebaked_per_image"] == [0] * len(gguf["rebaked_per_image"]) and gguf["host_live_weights"] > 0
+    assert "| (e) quantized | GGUF Q8_0" in proc.stdout
     # generous bound: the target is < 60 s, but other jobs share this machine's two cores
     assert elapsed < 240, f"quick benchmark took {elapsed:.0f} s"
 
 
 @pytest.mark.slow
+@pytest.mark.comfyui
 def test_flips_bench_quick(tmp_path):
     """bench/flips.py --quick: tiny SDXL-shaped UNet, one round, the three memory processes (about a minute).
     The full-size run (``bash bench/flips.sh``) is a benchmark, not a test."""

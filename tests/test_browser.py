@@ -10,13 +10,21 @@ With the real server (tests/workflow_tools.live_server) and Debian's
 3. the live selection map appears on "K-LoRA Fuse" without queueing anything,
    and clicking alpha's increment arrow redraws it within a second;
 4. "Run" executes the graph on the small models and the server-side map image
-   appears on the node;
+   appears on the node, and the report under the live map, line by line;
 5. the other example workflows load with every node type known and a ready
    preview; the Vue node frontend ("Nodes 2.0") shows the preview too; with
    the extension disabled in ComfyUI's settings the nodes still load and run
    and the run's map still appears on the node;
 6. no uncaught page error, no console error or warning from this pack, and no
    failed /klora request.
+
+test_settings_follow_the_graph (issue 14): a 0.1.0 workflow (beta -1) shows
+beta 0.5 and previews exactly what it did; switching the pattern switches beta
+between the patterns' paper values; map_steps follows the linked KSampler's
+steps until the user overrides it; the caption shows the resolved alpha and
+beta; the map has a legend, block labels and a hover readout (weight, step,
+choice) that matches /klora/preview's own answer; the node is sized to its
+content; the same holds in the Vue node renderer.
 
 Screenshots go to test-artifacts/ (gitignored).  Without Chromium or
 playwright the test is skipped with the reason, except under CI (``CI`` set),
@@ -146,7 +154,7 @@ NODE_STATE = """(type) => {
     const rect = app.canvas.canvas.getBoundingClientRect();
     const [x, y] = app.canvas.ds.convertOffsetToCanvas([node.pos[0], node.pos[1]]);
     return {id: node.id, title: node.title, size: [node.size[0], node.size[1]],
-            widgets: (node.widgets || []).map((w) => [w.name, w.value]),
+            widgets: (node.widgets || []).map((w) => [w.name, w.value, w.label]),
             screen: [x + rect.left, y + rect.top], known: !!LiteGraph.registered_node_types[type]};
 }"""
 
@@ -178,6 +186,18 @@ NODES_BOX = """(types) => {
     return {x: left, y: top, width: right - left, height: bottom - top};
 }"""
 
+# The report under the live map: its text, how many lines it is drawn on, whether the node holds it.
+REPORT_STATE = """() => {
+    const app = window.app;
+    const el = document.querySelector('.klora-report');
+    const node = app.graph.nodes.find((n) => n.type === 'KLoRAFuse');
+    const r = el.getBoundingClientRect();
+    const c = app.canvas.canvas.getBoundingClientRect();
+    const [, bottom] = app.canvas.ds.convertOffsetToCanvas([node.pos[0], node.pos[1] + node.size[1]]);
+    return {text: el.textContent, lines: Math.round(el.scrollHeight / parseFloat(getComputedStyle(el).lineHeight)),
+            inside: r.bottom <= c.top + bottom + 2, height: r.height};
+}"""
+
 # Timestamps of the last pointerdown and of every preview update, taken inside the page.
 TIMING_PROBE = """() => {
     window.__kloraProbe = {down: null, updates: []};
@@ -204,11 +224,12 @@ def test_fusion_in_the_browser(live, browser):
 
     # 2. the workflow and the three K-LoRA nodes with their widgets
     page.load(workflow)
+    sampler_steps = next(n for n in workflow["nodes"] if n["type"] == "KSampler")["widgets_values"][2]
     expected_widgets = {
         "KLoRASubjectLoader": ["lora_name", "strength", "strength_clip"],
         "KLoRAStyleLoader": ["lora_name", "strength", "strength_clip"],
         "KLoRAFuse": ["pattern", "alpha", "beta", "scope", "outside_scope", "progress_measure", "map_steps",
-                      "flip_cache", "klora_preview"],
+                      "mode", "flip_cache", "klora_preview"],
     }
     for node_type, widget_names in expected_widgets.items():
         state = page.js(NODE_STATE, node_type)
@@ -216,13 +237,20 @@ def test_fusion_in_the_browser(live, browser):
         assert [w[0] for w in state["widgets"]] == widget_names, state["widgets"]
         x, y = state["screen"]
         assert 0 <= x < VIEWPORT["width"] and 0 <= y < VIEWPORT["height"], f"{node_type} is off screen: {state}"
-        saved = next(n for n in workflow["nodes"] if n["type"] == node_type)["widgets_values"]
+        saved = list(next(n for n in workflow["nodes"] if n["type"] == node_type)["widgets_values"])
+        if node_type == "KLoRAFuse":  # map_steps follows the KSampler the fuse feeds
+            saved[widget_names.index("map_steps")] = sampler_steps
         assert [w[1] for w in state["widgets"]][: len(saved)] == saved, (node_type, state["widgets"], saved)
+        if node_type == "KLoRAFuse":  # a short label where the Vue renderer would cut the name (locales/en)
+            assert dict((w[0], w[2]) for w in state["widgets"])["progress_measure"] == "progress", state["widgets"]
 
     # 3. the live map, then alpha changed through the node's own increment arrow
     first = page.wait_preview("ready")
     assert first["visible"], first
-    assert "24 weights" in first["caption"] and "50 steps" in first["caption"], first["caption"]
+    box = page.js(MAP_BOX)  # the example's node is sized to its content (was 700 units, half empty)
+    assert box["size"][1] <= 520 and box["nodeBottom"] - box["rootBottom"] < 40, box
+    assert "24 weights" in first["caption"] and f"{sampler_steps} steps (from the KSampler)" in first["caption"]
+    assert "α 1.5 · β 0.5" in first["caption"], first["caption"]
     page.screenshot("browser_1_loaded.png")
     page.js(TIMING_PROBE)
     arrow = page.js(ALPHA_ARROW)
@@ -270,6 +298,11 @@ def test_fusion_in_the_browser(live, browser):
     output = page.js("() => window.app.nodeOutputs[String(window.app.graph.nodes.find("
                      "(n) => n.type === 'KLoRAFuse').id)]")
     assert f"alpha {alpha:g}," in output["text"][0], output["text"][0]
+    # the report on the node, with its line breaks, inside the node (which grew to hold it)
+    page.page.wait_for_function("() => document.querySelector('.klora-report')?.offsetHeight > 20", timeout=10_000)
+    report = page.js(REPORT_STATE)
+    assert report["text"] == output["text"][0] and report["text"].count("\n") >= 5, report
+    assert report["lines"] >= report["text"].count("\n") + 1 and report["inside"], report
     assert page.preview()["state"] == "ready", "the live preview must survive a run"
     assert after_run.stat().st_size > 10_000
 
@@ -280,7 +313,7 @@ def test_fusion_in_the_browser(live, browser):
                           ".map((n) => n.type)")
         assert unknown == [], f"{name}: unknown node types {unknown}"
         fuse = next(n for n in wt.load_api(name).values() if n["class_type"] == "KLoRAFuse")["inputs"]
-        wanted = f"map_steps={fuse['map_steps']}"
+        wanted = f"map_steps={wt.SMALL_STEPS}"  # the adapted KSampler's steps, which map_steps follows
         page.page.wait_for_function(
             "(q) => [...document.querySelectorAll('.klora-preview')].some("
             "(el) => el.dataset.kloraState === 'ready' && (el.dataset.kloraQuery || '').endsWith(q))",
@@ -344,3 +377,174 @@ def test_fusion_in_the_browser(live, browser):
     page.page.close()
     print(f"browser test: {time.monotonic() - started:.1f} s, {clicks} clicks, alpha {alpha}, latency "
           f"{latency * 1000:.0f} ms")
+
+
+LEGACY_WORKFLOW = wt.REPO_ROOT / "tests" / "data" / "workflow_0.1.0_sdxl.json"  # as saved with 0.1.0: beta -1
+
+# Screen position of a widget's left or right arrow in the classic canvas.
+WIDGET_ARROW = """([type, name, side]) => {
+    const app = window.app;
+    const node = app.graph.nodes.find((n) => n.type === type);
+    const w = node.widgets.find((w) => w.name === name);
+    const h = w.computedHeight || LiteGraph.NODE_WIDGET_HEIGHT || 20;
+    const x = side === 'left' ? node.pos[0] + 25 : node.pos[0] + node.size[0] - 25;
+    const [sx, sy] = app.canvas.ds.convertOffsetToCanvas([x, node.pos[1] + w.y + h / 2]);
+    const rect = app.canvas.canvas.getBoundingClientRect();
+    return [sx + rect.left, sy + rect.top];
+}"""
+
+WIDGET_VALUE = """([type, name]) => window.app.graph.nodes.find((n) => n.type === type).widgets.find((w) => w.name === name).value"""
+
+# The live map's canvas on screen, the node's bottom on screen and the node's size in graph units.
+MAP_BOX = """() => {
+    const app = window.app;
+    const node = app.graph.nodes.find((n) => n.type === 'KLoRAFuse');
+    const el = document.querySelector('.klora-preview');
+    const r = el.querySelector('canvas').getBoundingClientRect();
+    const c = app.canvas.canvas.getBoundingClientRect();
+    const [, bottom] = app.canvas.ds.convertOffsetToCanvas([node.pos[0], node.pos[1] + node.size[1]]);
+    return {left: r.left, top: r.top, width: r.width, height: r.height, rootBottom: el.getBoundingClientRect().bottom,
+            nodeBottom: c.top + bottom, size: [node.size[0], node.size[1]],
+            legend: el.querySelector('.klora-preview-legend')?.textContent ?? null};
+}"""
+
+# RGB of the map canvas at a fraction (fx, fy) of its size.
+MAP_PIXEL = """([fx, fy]) => {
+    const canvas = document.querySelector('.klora-preview canvas');
+    const d = canvas.getContext('2d').getImageData(Math.floor(fx * canvas.width), Math.floor(fy * canvas.height), 1, 1).data;
+    return [d[0], d[1], d[2]];
+}"""
+
+
+def _route(live, query: str) -> dict:
+    import json
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"{live.server.url}/klora/preview?{query}", timeout=60) as response:
+        return json.loads(response.read())
+
+
+def _click(page: Page, node_type: str, name: str, side: str = "right") -> None:
+    page.page.mouse.click(*page.js(WIDGET_ARROW, [node_type, name, side]))
+    page.page.wait_for_timeout(350)  # two clicks must not read as a double click
+
+
+def _param(state: dict, name: str):
+    from urllib.parse import parse_qs
+
+    return parse_qs(state["query"] or "").get(name, [None])[0]
+
+
+def _settled(page: Page, check, timeout_ms: int = 5000):
+    """Wait until ``check(preview)`` holds for the ready preview (it follows edits within a poll or two)."""
+    deadline = time.monotonic() + timeout_ms / 1000
+    while True:
+        state = page.preview()
+        if state["state"] == "ready" and check(state):
+            return state
+        if time.monotonic() > deadline:
+            raise AssertionError(f"preview never settled: {state['state']} {state['caption']!r} {state['query']}")
+        page.page.wait_for_timeout(150)
+
+
+def test_settings_follow_the_graph(live, browser):
+    import json
+
+    names, info = live.names, live.object_info
+    legacy = wt.adapt_ui(json.loads(LEGACY_WORKFLOW.read_text()), names, info)
+    saved = next(n for n in legacy["nodes"] if n["type"] == "KLoRAFuse")["widgets_values"]
+    assert saved[2] == -1.0 and saved[6] == 50  # beta -1 and map_steps 50, as 0.1.0 saved them
+    page = Page(browser, live.server.url)
+    _set_vue_nodes(page, False)
+    page.load(legacy)
+    first = _settled(page, lambda s: "(from the KSampler)" in s["caption"])
+
+    # A 0.1.0 workflow: beta -1 is shown as the value it always meant, and previews the same.
+    assert page.js(WIDGET_VALUE, ["KLoRAFuse", "beta"]) == 0.5
+    assert "beta=0.5&" in first["query"], first["query"]
+    shown = _route(live, first["query"])
+    as_saved = _route(live, first["query"].replace("beta=0.5&", "beta=-1&"))
+    assert as_saved["beta"] == shown["beta"] == 0.5 and as_saved["selection"] == shown["selection"]
+    assert "α 1.5 · β 0.5 · γ" in first["caption"], first["caption"]
+
+    # map_steps follows the KSampler the fuse feeds (3 steps in the adapted workflow, 50 in the file).
+    assert page.js(WIDGET_VALUE, ["KLoRAFuse", "map_steps"]) == wt.SMALL_STEPS
+    assert f"map_steps={wt.SMALL_STEPS}" in first["query"] and shown["steps"] == wt.SMALL_STEPS
+
+    # The preview lies inside the node (its size as saved); the legend is there.
+    box = page.js(MAP_BOX)
+    assert box["rootBottom"] <= box["nodeBottom"] + 2, box
+    assert box["legend"] and "subject" in box["legend"] and "style" in box["legend"], box
+
+    # Block labels left of the map (a grey label column, not a map colour), and the hover readout.
+    assert page.js(MAP_PIXEL, [0.01, 0.02]) == [0xEC, 0xEC, 0xEC]
+    rows, steps = len(shown["keys"]), shown["steps"]
+    for row in (0, rows // 2, rows - 1):
+        y = box["top"] + (row + 0.5) * box["height"] / rows
+        page.page.mouse.move(box["left"] + box["width"] - 2, y)
+        page.page.wait_for_timeout(150)
+        choice = "subject" if shown["selection"][row][steps - 1] == "1" else "style"
+        expected = (f"{shown['keys'][row]} · step {steps - 1} of {steps} (p {(steps - 1) / steps:.2f}) · {choice}")
+        hover = page.js("() => document.querySelector('.klora-preview-hover').textContent")
+        assert hover == expected, (row, hover, expected)
+    page.page.mouse.move(2, VIEWPORT["height"] - 2)
+
+    # The pattern's paper beta follows the pattern: s -> s* gives 1.275, and back gives 0.5.
+    _click(page, "KLoRAFuse", "pattern")
+    assert page.js(WIDGET_VALUE, ["KLoRAFuse", "pattern"]) == "s*"
+    star = _settled(page, lambda s: _param(s, "pattern") == "s*" and "β 1.275" in s["caption"])
+    assert page.js(WIDGET_VALUE, ["KLoRAFuse", "beta"]) == 1.275 and "beta=1.275&" in star["query"]
+    assert _route(live, star["query"])["beta"] == 1.275
+    _click(page, "KLoRAFuse", "pattern", "left")
+    _settled(page, lambda s: _param(s, "pattern") == "s" and "β 0.5" in s["caption"])
+    # A beta the user chose stays when the pattern changes.
+    _click(page, "KLoRAFuse", "beta")
+    chosen = page.js(WIDGET_VALUE, ["KLoRAFuse", "beta"])
+    assert chosen == pytest.approx(0.525)
+    _click(page, "KLoRAFuse", "pattern")
+    _settled(page, lambda s: _param(s, "pattern") == "s*" and f"β {chosen:g}" in s["caption"])
+    assert page.js(WIDGET_VALUE, ["KLoRAFuse", "beta"]) == chosen
+
+    # The sampler's steps change: map_steps follows.  The user sets map_steps: that is an override.
+    _click(page, "KSampler", "steps")
+    _settled(page, lambda s: _param(s, "map_steps") == str(wt.SMALL_STEPS + 1) and "(from the KSampler)" in s["caption"])
+    _click(page, "KLoRAFuse", "map_steps")
+    _click(page, "KLoRAFuse", "map_steps")
+    _settled(page, lambda s: _param(s, "map_steps") == str(wt.SMALL_STEPS + 3)
+             and f"(map_steps; the KSampler has {wt.SMALL_STEPS + 1})" in s["caption"])
+    _click(page, "KSampler", "steps")
+    page.page.wait_for_timeout(900)
+    assert page.js(WIDGET_VALUE, ["KLoRAFuse", "map_steps"]) == wt.SMALL_STEPS + 3
+    saved_graph = page.js("() => window.app.graph.serialize()")
+    fuse = next(n for n in saved_graph["nodes"] if n["type"] == "KLoRAFuse")
+    assert fuse["properties"].get("klora_map_steps_override") is True  # kept with the workflow
+    page.screenshot("browser_6_settings.png")
+    assert not page.page_errors and not page.own_console_problems() and not page.bad_requests, (
+        page.page_errors, page.own_console_problems(), page.bad_requests)
+    page.page.close()
+
+    # The Vue node renderer shows the same values (its inputs are labelled with the widget names).
+    switch = Page(browser, live.server.url)
+    _set_vue_nodes(switch, True)
+    switch.page.close()
+    try:
+        vue = Page(browser, live.server.url)
+        vue.load(legacy)
+        _settled(vue, lambda s: "(from the KSampler)" in s["caption"] and "β 0.5" in s["caption"])
+        values = vue.js("""() => Object.fromEntries([...document.querySelector('.klora-preview')
+                          .closest('[data-node-id]').querySelectorAll('input[aria-label]')]
+                          .map((i) => [i.getAttribute('aria-label'), i.value]))""")
+        # as numbers: the Vue renderer of ComfyUI 0.8.0's frontend shows them padded ("0.500")
+        assert float(values.get("beta", "nan")) == 0.5 and int(values.get("map_steps", -1)) == wt.SMALL_STEPS, values
+        height = vue.js("""() => document.querySelector('.klora-preview').closest('[data-node-id]')
+                           .getBoundingClientRect().height""")
+        assert height < 700, height  # before: a 700-unit node, mostly empty
+        assert vue.js("() => document.querySelector('.klora-preview-legend')?.textContent ?? ''")
+        vue.screenshot("browser_7_vue_settings.png")
+        assert not vue.page_errors and not vue.own_console_problems() and not vue.bad_requests
+        vue.page.close()
+    finally:
+        reset = Page(browser, live.server.url)
+        _set_vue_nodes(reset, False)
+        reset.page.close()

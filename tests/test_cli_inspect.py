@@ -1,8 +1,8 @@
-"""``python -m klora_core inspect``: the headless report, checked against the spec.
+"""``python -m klora_core inspect``: the headless report, checked against the method (docs/method.md).
 
 Every expected number here (T_S, T_T, K, gamma, the per-step choice) is
 computed in this file, in float64, from the tensors as written to disk and
-the formulas of the K-LoRA spec ("Definitions", "Global balance gamma",
+the formulas of docs/method.md ("Definitions", "Global balance gamma",
 "The time-dependent style factor", "The decision"), without ``build_plan``,
 ``klora_core.lora_file`` or any other product code.  The CLI runs in a
 subprocess exactly as a user would start it, without ComfyUI.
@@ -64,7 +64,7 @@ def pair(tmp_path_factory):
     """A kohya subject (rank 6, per-module alpha) and a PEFT style (rank 4, no alpha) file.
 
     Returns (subject_path, style_path, refs) with refs = {canonical key: (dS, dT, r_S, r_T)} of the
-    shared attention weights; the deltas are float64 and already scaled as the spec says.
+    shared attention weights; the deltas are float64 and already scaled as docs/method.md says.
     """
     folder = tmp_path_factory.mktemp("inspect_pair")
     gen = torch.Generator().manual_seed(20250218)
@@ -322,7 +322,7 @@ def test_demo_pair_without_files(tmp_path, capsys):
     code, out, err = main_out(capsys, "inspect", "--steps", 6, "--out", tmp_path / "selection_map.png")
     assert code == 0, err
     assert (tmp_path / "selection_map.png").is_file() and (tmp_path / "demo_subject.safetensors").is_file()
-    assert len(parse(out)["table"]) == 56
+    assert len(parse(out)["table"]) == 24
 
 
 # --- help and errors --------------------------------------------------------------------
@@ -337,7 +337,7 @@ def test_help_documents_everything(capsys):
         assert word in out, word
     code, out, _ = main_out(capsys, "--help")
     assert code == 0
-    commands = ["map", "inspect"] + (["run"] if (REPO / "klora_core" / "comfy_runner.py").is_file() else [])
+    commands = ["map", "inspect", "run"]
     for command in commands:
         assert f"    {command} " in out, command
 
@@ -352,7 +352,7 @@ def _one_line(stderr):
 def test_errors_are_one_line(tmp_path, pair, capsys):
     subject, style, _ = pair
     missing = run_cli("inspect", tmp_path / "nope.safetensors", style, "--out", tmp_path / "x.png", cwd=tmp_path)
-    assert missing.returncode == 1 and "no such file" in _one_line(missing.stderr)
+    assert missing.returncode == 1 and "file not found" in _one_line(missing.stderr)
     assert missing.stdout == "" and not (tmp_path / "x.png").exists()
 
     def fails(*args, status=1):
@@ -360,8 +360,8 @@ def test_errors_are_one_line(tmp_path, pair, capsys):
         assert code == status, (args, out, err)
         return _one_line(err)
 
-    assert "both SUBJECT and STYLE" in fails(subject)
-    assert ".png" in fails(subject, style, "--out", tmp_path / "x.jpg")
+    assert "both SUBJECT and STYLE" in fails(subject, status=2)
+    assert ".png" in fails(subject, style, "--out", tmp_path / "x.jpg", status=2)
     (tmp_path / "dir.json").mkdir()
     assert "dir.json" in fails(subject, style, "--out", tmp_path / "y.png", "--json", tmp_path / "dir.json")
 

@@ -1,7 +1,7 @@
 """The ``python -m klora_core map`` command line, end to end, without ComfyUI.
 
-The expected subject/style choices are computed here from the spec's formula
-(docs: /work/shared/klora-spec.md, "Definitions" to "The decision") on the
+The expected subject/style choices are computed here from the method's formulas
+(docs/method.md, "Definitions" to "The decision") on the
 tensors read straight from the files with safetensors, in float64, without
 calling ``build_plan`` or ``klora_core.lora_file``.  They are compared with
 the CLI's table and with the pixels of the PNG it writes.
@@ -50,8 +50,8 @@ def run_cli(*args, cwd):
 
 # --- independent reference -------------------------------------------------------------
 
-def spec_selection(pairs, steps, alpha, beta, pattern):
-    """``{name: "SSTT..."}`` from the spec's formula.
+def spec_scores(pairs):
+    """``({name: [T_S, T_T, L1_S, L1_T]}, gamma)`` from the method's formulas (docs/method.md), in float64.
 
     ``pairs``: ``{name: ((up_S, down_S, scale_S), (up_T, down_T, scale_T))}``.
     """
@@ -67,7 +67,15 @@ def spec_selection(pairs, steps, alpha, beta, pattern):
     ratios = [l1s / l1t for _, _, l1s, l1t in stats.values()]
     first = sum(ratios) / len(ratios)
     kept = [r for r in ratios if r < 3 * first]
-    gamma = sum(kept) / len(kept)
+    return stats, sum(kept) / len(kept)
+
+
+def spec_selection(pairs, steps, alpha, beta, pattern):
+    """``{name: "SSTT..."}`` from the method's formulas (docs/method.md).
+
+    ``pairs``: ``{name: ((up_S, down_S, scale_S), (up_T, down_T, scale_T))}``.
+    """
+    stats, gamma = spec_scores(pairs)
     out = {}
     for name, (ts, tt, _, _) in stats.items():
         marks = []
@@ -150,7 +158,7 @@ def test_demo_map_and_table(tmp_path):
     subject_file, style_file = tmp_path / "out" / "demo_subject.safetensors", tmp_path / "out" / "demo_style.safetensors"
     assert subject_file.is_file() and style_file.is_file()
     s, t = read_kohya(subject_file), read_kohya(style_file)
-    assert s.keys() == t.keys() and len(s) == 56
+    assert s.keys() == t.keys() and len(s) == 24  # the pair scripts/demo.sh renders with
     assert {v[1].shape[0] for v in s.values()} != {v[1].shape[0] for v in t.values()}  # different ranks
     expected = spec_selection({k: (s[k], t[k]) for k in s}, 20, 1.5, 0.5, "s")
     # The demo exists to show both colours and flips at various steps.
@@ -159,8 +167,8 @@ def test_demo_map_and_table(tmp_path):
     assert parse_table(res.stdout) == expected
     first_s = sum(m[0] == "S" for m in expected.values())
     last_s = sum(m[-1] == "S" for m in expected.values())
-    assert f"first step (i=0): {first_s} subject, {56 - first_s} style" in res.stdout
-    assert f"last step (i=19): {last_s} subject, {56 - last_s} style" in res.stdout
+    assert f"first step (i=0): {first_s} subject, {24 - first_s} style" in res.stdout
+    assert f"last step (i=19): {last_s} subject, {24 - last_s} style" in res.stdout
     check_png(out, expected, 20)
 
 
@@ -269,7 +277,7 @@ def test_missing_file_exits_nonzero(tmp_path):
     res = run_cli("map", tmp_path / "nope.safetensors", tmp_path / "nope2.safetensors", "--out", tmp_path / "m.png", cwd=tmp_path)
     assert res.returncode == 1
     line = _one_line(res.stderr)
-    assert "nope.safetensors" in line and "no such file" in line
+    assert "nope.safetensors" in line and "file not found" in line
     assert not (tmp_path / "m.png").exists()
 
 
@@ -328,10 +336,10 @@ def test_usage_errors(tmp_path, capsys):
             cli.main(argv)
         assert exc.value.code == 2
         _one_line(capsys.readouterr().err)
-    assert cli.main(["map", str(tmp_path / "only_one.safetensors"), "--out", str(tmp_path / "m.png")]) == 1
+    assert cli.main(["map", str(tmp_path / "only_one.safetensors"), "--out", str(tmp_path / "m.png")]) == 2
     assert "both SUBJECT and STYLE" in _one_line(capsys.readouterr().err)
-    assert cli.main(["map", "--out", str(tmp_path / "m.jpg")]) == 1
-    assert ".png" in _one_line(capsys.readouterr().err)
+    assert cli.main(["map", "--out", str(tmp_path / "m.jpg")]) == 2
+    assert "--out" in _one_line(capsys.readouterr().err)
 
 
 def test_help_documents_everything(capsys):
@@ -406,11 +414,11 @@ def test_formats_families_and_scaling():
 def test_table_and_map_from_library(tmp_path):
     """render_selection_map / selection_table agree with each other on a plan built in-process."""
     from klora_core import build_plan
-    from klora_core.cli.demo_pair import make_demo_pair
+    from klora_core.cli.demo_models import make_lora_pair
     from klora_core.lora_file import lora_modules
     from klora_core.render import render_selection_map, selection_table
 
-    s, t = make_demo_pair(seed=3)
+    s, t = make_lora_pair(seed=3)
     plan = build_plan(lora_modules(s), lora_modules(t), pattern="s*")
     table = parse_table(selection_table(plan, 24))
     image = render_selection_map(plan, 24, path=tmp_path / "lib.png", title="custom title",

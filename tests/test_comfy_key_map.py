@@ -138,25 +138,8 @@ def test_stock_comfy_map_misses_peft_names(family, tiny_model_builder, lora_fact
 @pytest.mark.parametrize("family,style", [("sd15", "peft"), ("sdxl", "diffusers"), ("flux", "diffusers")])
 def test_patch_model_matches_brute_force(family, style, tiny_model_builder, lora_factory, lora_keys):
     mp = tiny_model_builder(family)
-    w0 = {k: v.detach().clone() for k, v in mp.model.state_dict().items()}
     sd, truth = lora_factory.make_lora(mp, style=style, rank=3, alpha=1.5, scope="all", seed=3)
-    strength = 0.7
-    patches = lora_keys.load_lora_patches(sd, mp).patches
-    assert len(mp.add_patches(patches, strength)) == _n_modules(truth)
-    mp.patch_model(device_to=torch.device("cpu"))
-    try:
-        patched = mp.model.state_dict()
-        for key, w in w0.items():
-            if key in truth:
-                want = lora_factory.expected_weight(w, truth[key], strength)
-                torch.testing.assert_close(patched[key].to(torch.float64), want, rtol=1e-5, atol=1e-6, msg=key)
-                assert not torch.equal(patched[key], w), key
-            else:
-                assert torch.equal(patched[key], w), f"{key} changed but no LoRA targets it"
-    finally:
-        mp.unpatch_model(device_to=torch.device("cpu"))
-    for key, w in w0.items():
-        assert torch.equal(mp.model.state_dict()[key], w), f"{key} not restored"
+    lora_factory.check_patched_weights(mp, lora_keys.load_lora_patches(sd, mp).patches, truth, strength=0.7)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

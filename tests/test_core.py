@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""klora_core against the plain reference in klora_reference.py (spec: /work/shared/klora-spec.md).
+"""klora_core against the plain reference in support/klora_reference.py (method: docs/method.md).
 
 Pure torch: no ComfyUI import.  Run with ``python -m pytest tests/test_core.py``.
 
@@ -877,7 +877,7 @@ def test_error_shape_mismatch_different_size():
 def test_error_shape_mismatch_same_size(form):
     """[8, 6] against [6, 8] (same element count): different weights, must be refused.
 
-    The spec pairs two deltas of the SAME weight; an [8, 6] delta and a [6, 8]
+    The method pairs two deltas of the SAME weight; an [8, 6] delta and a [6, 8]
     delta cannot both be deltas of one weight.  Comparing element counts only
     lets this through and silently scores unrelated tensors against each other.
     """

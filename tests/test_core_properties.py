@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""Property tests (hypothesis) of klora_core against the spec and the plain reference.
+"""Property tests (hypothesis) of klora_core against the method (docs/method.md) and the plain reference.
 
 Pure torch: no ComfyUI import.  Small tensors and bounded example counts keep
 the whole file well under a minute.  Comparisons with the reference use

@@ -3,7 +3,7 @@
 
 - A LoRA file rewritten in place under its name (same size, same inode, its
   mtime forced back with ``os.utime``) between two runs: the loader must run
-  again (its IS_CHANGED signature changes: it includes the ctime, which no
+  again (its fingerprint_inputs signature changes: it includes the ctime, which no
   user call can set back) and the scores must be those of the new content
   (the score cache is keyed by the content hash, and the hash memo by ctime
   too), i.e. the run equals a fresh run on the new file.  Also for a file
@@ -59,18 +59,18 @@ def _loras_dir(tmp_path) -> Path:
 
 
 def _loader(role):
-    from klora_pack.nodes.node_defs import KLoRAStyleLoader, KLoRASubjectLoader
+    from klora_pack.nodes.lora_loaders import KLoRAStyleLoader, KLoRASubjectLoader
 
     return KLoRASubjectLoader if role == "subject" else KLoRAStyleLoader
 
 
 def _load(role, name, strength=1.0):
-    handle, _ = _loader(role)().load(name, strength)
+    handle, _ = _loader(role).execute(name, strength).args
     return handle
 
 
 def _signature(role, name):
-    return _loader(role).IS_CHANGED(name, 1.0)
+    return _loader(role).fingerprint_inputs(lora_name=name, strength=1.0)
 
 
 def _lora_bytes(model, seed, tmp_path, rank=4) -> bytes:
@@ -143,7 +143,7 @@ def test_replaced_file_same_name_old_mtime_uses_new_content(klora_pack, tmp_path
     target = loras / name
     (_rewrite_in_place_keep_mtime if how == "rewrite_in_place" else _replace_keep_mtime)(target, new)
 
-    # ComfyUI re-runs the loader only when IS_CHANGED differs: it must, although size and mtime did not change.
+    # ComfyUI re-runs the loader only when fingerprint_inputs differs: it must, although size and mtime did not change.
     assert _signature("subject", name) != sig_old
     second = _load("subject", name)
     assert second.sha256 == hashlib.sha256(new).hexdigest(), "the content hash is stale (memo keyed by mtime)"
@@ -241,7 +241,7 @@ def _oom_worker(out_path: str) -> int:
     from klora_pack.nodes.handles import make_handle
     from klora_pack.nodes.pair_scores import clear_score_cache
 
-    config = dict(tiny_models.CONFIGS["flux"], context_in_dim=OOM_CONTEXT_DIM)
+    config = tiny_models.installed_config("flux", context_in_dim=OOM_CONTEXT_DIM)
     model_config = comfy.supported_models.Flux(config)
     model_config.set_inference_dtype(torch.float32, None)
     cpu = torch.device("cpu")

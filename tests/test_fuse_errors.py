@@ -53,11 +53,11 @@ def _fuse_error(klora_pack, model, subject, style, **kwargs):
 def test_missing_file_in_loader(klora_pack, tmp_path):
     import folder_paths
     from klora_pack.klora_core.errors import KLoRAError
-    from klora_pack.nodes.node_defs import KLoRASubjectLoader
+    from klora_pack.nodes.lora_loaders import KLoRASubjectLoader
 
     folder_paths.add_model_folder_path("loras", str(tmp_path))
     with pytest.raises(KLoRAError, match="not_there.safetensors"):
-        KLoRASubjectLoader().load("not_there.safetensors", 1.0)
+        KLoRASubjectLoader.execute("not_there.safetensors", 1.0)
 
 
 def test_missing_path(klora_pack, tmp_path):

@@ -25,7 +25,7 @@ def _plain_lora(model, state_dict, strength):
 def _fused(pack, tmp_path, model, **kwargs):
     from klora_pack.nodes.fuse import fuse_model
 
-    schedule = {k: kwargs.pop(k) for k in ("alpha", "beta", "pattern", "progress_measure") if k in kwargs}
+    schedule = {k: kwargs.pop(k) for k in ("alpha", "beta", "pattern", "progress_measure", "mode") if k in kwargs}
     hs, ht, truth_s, truth_t = _handles(pack, tmp_path, model, **kwargs)
     return fuse_model(model, hs, ht, **schedule), hs, ht, truth_s, truth_t
 
@@ -124,15 +124,17 @@ def partially_loaded(patcher, seen: dict):
     return clone
 
 
-def test_forced_partial_load_is_exact(klora_pack, tmp_path):
-    """Half the modules offloaded (ComfyUI's LowVramPatch computes them live); the rest baked and re-baked."""
+@pytest.mark.parametrize("mode", ["bake", "bypass"])
+def test_forced_partial_load_is_exact(klora_pack, tmp_path, mode):
+    """Half the modules offloaded (ComfyUI's LowVramPatch computes them live); the rest baked and re-baked.
+    Bypass: the hooks wrap ComfyUI's cast-at-every-forward path of the offloaded modules."""
     model = tiny_models.build_model(FAMILY, seed=0)
-    result, _, _, truth_s, truth_t = _fused(klora_pack, tmp_path, model)
+    result, _, _, truth_s, truth_t = _fused(klora_pack, tmp_path, model, mode=mode)
     seen = {}
     lowvram = partially_loaded(result.model, seen)
     full = _sample(result.model, FAMILY, 8)
     partial_out = _sample(lowvram, FAMILY, 8)
-    assert seen["lowvram"] and seen["patches"] > 0
+    assert seen["lowvram"] and (seen["patches"] > 0 or mode == "bypass")
     torch.testing.assert_close(partial_out, full, atol=ATOL, rtol=RTOL)
     ref = brute_force.BruteForce(FAMILY, 0, truth_s, truth_t, full_sigmas=_full_sigmas(model, "sgm_uniform", 8))
     torch.testing.assert_close(partial_out, _sample(ref.patcher, FAMILY, 8), atol=ATOL, rtol=RTOL)
@@ -159,11 +161,15 @@ def test_plain_lora_loader_before_or_after(klora_pack, tmp_path, where):
     torch.testing.assert_close(ours, _sample(ref.patcher, FAMILY, 8), atol=ATOL, rtol=RTOL)
 
 
-def test_two_fuse_nodes_stacked(klora_pack, tmp_path):
+@pytest.mark.parametrize("modes", [("auto", "auto"), ("bypass", "bypass"), ("bake", "bypass"), ("bypass", "live")])
+def test_two_fuse_nodes_stacked(klora_pack, tmp_path, modes):
+    """Also in bypass mode: hooks stack on one module and leave it clean, whatever the eject order."""
+    from klora_pack.nodes.bypass_hooks import SwitchedForward
     from klora_pack.nodes.fuse import fuse_model
     from klora_pack.nodes.handles import make_handle
 
     model = tiny_models.build_model(FAMILY, seed=0)
+    before = _sample(model, FAMILY, 4)
     hs, ht, truth_s, truth_t = _handles(klora_pack, tmp_path, model)
     (tmp_path / "b").mkdir()
     sd_s2, truth_s2 = lora_factory.make_lora(model, "diffusers", rank=2, alpha=1.0, seed=31)
@@ -172,14 +178,16 @@ def test_two_fuse_nodes_stacked(klora_pack, tmp_path):
     lora_factory.save_lora(sd_t2, tmp_path / "b" / "t2.safetensors")
     hs2 = make_handle("subject", "s2.safetensors", str(tmp_path / "b" / "s2.safetensors"), 0.9)
     ht2 = make_handle("style", "t2.safetensors", str(tmp_path / "b" / "t2.safetensors"), 1.1)
-    first = fuse_model(model, hs, ht)
-    second = fuse_model(first.model, hs2, ht2, pattern="s*", beta=-1)
+    first = fuse_model(model, hs, ht, mode=modes[0])
+    second = fuse_model(first.model, hs2, ht2, pattern="s*", beta=-1, mode=modes[1])
     ours = _sample(second.model, FAMILY, 10)
     ref = brute_force.BruteForce(
         FAMILY, 0, truth_s, truth_t, full_sigmas=_full_sigmas(model, "sgm_uniform", 10),
         more_pairs=[(truth_s2, truth_t2, (0.9, 1.1), 1.5, 1.275, "s*")])
     torch.testing.assert_close(ours, _sample(ref.patcher, FAMILY, 10), atol=ATOL, rtol=RTOL)
     assert first.run.flip_events > 0 and second.run.flip_events > 0
+    assert torch.equal(_sample(model, FAMILY, 4), before)
+    assert not [m for m in model.model.modules() if isinstance(m.__dict__.get("forward"), SwitchedForward)]
 
 
 def test_model_merge_before_fuse(klora_pack, tmp_path):
@@ -243,13 +251,14 @@ def test_registry_graph_matches_direct_call(registry, klora_pack, tmp_path):
     sd_t, _ = lora_factory.make_lora(model, "kohya", rank=2, seed=6)
     lora_factory.save_lora(sd_s, loras / "reg_subject.safetensors")
     lora_factory.save_lora(sd_t, loras / "reg_style.safetensors")
-    subject = mappings["KLoRASubjectLoader"]().load("reg_subject.safetensors", 1.0)[0]
-    style = mappings["KLoRAStyleLoader"]().load("reg_style.safetensors", 0.8)[0]
-    out = mappings["KLoRAFuse"]().fuse(model, subject, style, "s*", 1.5, -1.0, "attention projections", "both",
-                                       "noise level", 12)
-    fused_model, report, image = out["result"]
+    subject = mappings["KLoRASubjectLoader"].execute(lora_name="reg_subject.safetensors", strength=1.0)[0]
+    style = mappings["KLoRAStyleLoader"].execute(lora_name="reg_style.safetensors", strength=0.8)[0]
+    out = mappings["KLoRAFuse"].execute(model=model, subject=subject, style=style, pattern="s*", alpha=1.5, beta=-1.0,
+                                        scope="attention projections", outside_scope="both",
+                                        progress_measure="noise level", map_steps=12)
+    fused_model, report, image = out.args
     assert image.shape[0] == 1 and image.shape[-1] == 3 and image.shape[1] > 50
-    assert out["ui"]["images"][0]["type"] == "temp"
+    assert out.ui["images"][0]["type"] == "temp"
     assert "gamma" in report
     positive, negative = tiny_models.make_conds(FAMILY, seed=5)
     latent = {"samples": tiny_models.make_latent(FAMILY, seed=5)[0]}

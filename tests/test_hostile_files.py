@@ -3,8 +3,10 @@
 
 Files.  Every case below is written to disk and pushed through the product's
 loading path exactly as the loader node runs it (``make_handle``, which calls
-``read_lora_file`` and hashes the content) and, when a file loads, through
-``fuse_model`` with a good style LoRA on a tiny SD1.5 model.  The cases run in
+the project's one reader ``klora_core.safe_load.load_tensors`` and hashes the
+content), then through what the preview route and the command line do with
+what that reader returns (``klora_core.lora_file.lora_modules``), and, when a
+file loads, through ``fuse_model`` with a good style LoRA on a tiny SD1.5 model.  The cases run in
 one worker subprocess (this file run as a script) whose address space is
 capped with ``RLIMIT_AS`` at its size after start-up plus ``CAP_MIB``: a file
 that made the loader allocate what its header declares (terabytes) would
@@ -437,6 +439,7 @@ def _worker(manifest_path: str, out_path: str) -> int:
     torch.set_num_threads(1)
     from support import tiny_models
     from klora_pack.klora_core.errors import KLoRAError
+    from klora_pack.klora_core.lora_file import lora_modules
     from klora_pack.nodes.fuse import fuse_model
     from klora_pack.nodes.handles import make_handle
 
@@ -464,6 +467,7 @@ def _worker(manifest_path: str, out_path: str) -> int:
             stage = "load"
             try:
                 handle = make_handle("subject", os.path.basename(case["path"]), case["path"], 1.0)
+                record["modules"] = _modules_outcome(lora_modules, handle.state_dict, case["path"], KLoRAError)
                 stage = "fuse"
                 result = fuse_model(model, handle, style)
                 record.update(outcome="ok", report=result.report.splitlines()[0][:200])
@@ -481,6 +485,17 @@ def _worker(manifest_path: str, out_path: str) -> int:
     # the model the cases were fused onto was never changed
     assert model.patches == {} and all(not v for v in model.wrappers.values())
     return 0
+
+
+def _modules_outcome(lora_modules, state_dict, path, error_type) -> dict:
+    """What the command line and the preview route make of a file the reader accepted: ok or a named error."""
+    try:
+        lora_modules(state_dict, 1.0, source=path)
+        return {"outcome": "ok"}
+    except error_type as exc:
+        return {"outcome": "error", "message": str(exc)[:2000]}
+    except Exception as exc:  # noqa: BLE001 - anything else is what the test looks for
+        return {"outcome": "other", "message": f"{type(exc).__name__}: {str(exc)[:2000]}"}
 
 
 # --------------------------------------------------------------------- fixtures
@@ -598,6 +613,23 @@ def test_seeded_random_files(file_results):
     assert not failures, "\n".join(failures)
     outcomes = [file_results[1][n]["outcome"] for n in RANDOM_NAMES]
     assert outcomes.count("error") >= len(RANDOM_NAMES) // 2  # most random files are refused, not silently used
+
+
+def test_files_the_reader_accepts_group_cleanly(file_results):
+    """After the reader, the command line's and the preview route's grouping (lora_modules) of every loaded
+    hostile file is a LoRA or a KLoRAError naming the file, never another exception."""
+    cases, results, _, _ = file_results
+    checked, problems = 0, []
+    for name, record in results.items():
+        grouped = record.get("modules")
+        if grouped is None:
+            continue  # refused by the reader (checked above)
+        checked += 1
+        if grouped["outcome"] == "other" or (grouped["outcome"] == "error"
+                                             and cases[name][0].name not in grouped["message"]):
+            problems.append(f"{name}: {grouped}")
+    assert checked >= 10, checked
+    assert not problems, "\n".join(problems)
 
 
 @pytest.mark.parametrize("name", sorted(PAYLOADS))

@@ -48,6 +48,8 @@ from pathlib import Path
 import pytest
 
 from support import comfy_env
+from support.repo_files import git as _git
+from support.repo_files import tracked_files
 from support.server_harness import ComfyServer
 
 try:
@@ -57,6 +59,9 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as tomli or pip's v
         import tomli as tomllib
     except ModuleNotFoundError:
         from pip._vendor import tomli as tomllib
+
+#: Each install path is checked against the ComfyUI under test (also the second one of scripts/test.sh).
+pytestmark = pytest.mark.comfyui
 
 REPO = Path(__file__).resolve().parent.parent
 PACK_ID = "klora-fusion"
@@ -73,20 +78,6 @@ def _norm(name: str) -> str:
 
 
 # --- the pack as git would hand it out ------------------------------------------------
-
-def _git(*args) -> str:
-    try:
-        return subprocess.run(["git", "-C", str(REPO), *args], check=True, capture_output=True, text=True,
-                              timeout=60).stdout
-    except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"needs a git checkout of the pack and git on PATH ({exc})")
-
-
-def tracked_files() -> list:
-    """Paths in the git index that exist in the working tree (a clone's file list, today's content)."""
-    names = [n for n in _git("ls-files", "-z").split("\0") if n]
-    return [n for n in names if (REPO / n).is_file()]
-
 
 def comfyignored() -> set:
     """Tracked paths that ``.comfyignore`` excludes from the registry archive (gitignore syntax)."""
@@ -127,11 +118,6 @@ def fresh_comfyui(dest: Path) -> Path:
     (root / "custom_nodes").mkdir()
     (root / "models").mkdir()
     return root
-
-
-def comfyui_version(root: Path) -> str:
-    text = (root / "comfyui_version.py").read_text(encoding="utf-8")
-    return re.search(r"__version__\s*=\s*[\"']([^\"']+)", text).group(1)
 
 
 # --- Manager's pip step -------------------------------------------------------------------
@@ -294,7 +280,7 @@ def test_pyproject_follows_registry_rules():
     w, h = (int(re.search(rf'\b{a}="(\d+)"', svg).group(1)) for a in ("width", "height"))
     assert w == h and w <= 400, (w, h)  # square, within the registry's 800 x 400 limit
     spec = SpecifierSet(comfy["requires-comfyui"])
-    tested = comfyui_version(comfy_env.find_comfy_root())
+    tested = comfy_env.comfy_version(comfy_env.find_comfy_root())
     assert spec.contains(Version(tested)), f"requires-comfyui {spec} excludes the tested ComfyUI {tested}"
     for inc in comfy.get("includes", []):
         assert (REPO / inc.lstrip("/")).exists(), inc
@@ -502,7 +488,12 @@ with warnings.catch_warnings(record=True) as caught:
     for sub in cfg["submodules"]:
         importlib.import_module(name + "." + sub)
 added = sorted(m for m in set(sys.modules) - before if m != name and not m.startswith(name + "."))
-print(json.dumps({"added": added, "nodes": sorted(getattr(module, "NODE_CLASS_MAPPINGS", {})),
+nodes_found = []  # as ComfyUI's load_custom_node registers a V3 pack: comfy_entrypoint -> get_node_list
+if hasattr(module, "comfy_entrypoint"):
+    import asyncio
+    extension = asyncio.run(module.comfy_entrypoint())
+    nodes_found = [node.GET_SCHEMA().node_id for node in asyncio.run(extension.get_node_list())]
+print(json.dumps({"added": added, "nodes": sorted(nodes_found), "v1": hasattr(module, "NODE_CLASS_MAPPINGS"),
                   "blocked_hits": Block.hits, "records": records,
                   "warnings": [f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}" for w in caught]}))
 '''
@@ -531,6 +522,7 @@ def test_imports_only_what_comfyui_has(tmp_path, inside_comfyui):
                          timeout=300, cwd=tmp_path, env=env)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert not out["v1"], "NODE_CLASS_MAPPINGS would make ComfyUI load the pack as V1 and skip comfy_entrypoint"
     if inside_comfyui:
         assert out["nodes"] == sorted(NODE_IDS)
     else:

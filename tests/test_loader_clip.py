@@ -25,7 +25,7 @@ def test_clip_part_matches_lora_loader(klora_pack, tmp_path):
     import comfy.sd
     import folder_paths
     from klora_pack.klora_core.cli import demo_models
-    from klora_pack.nodes.node_defs import KLoRAStyleLoader, KLoRASubjectLoader
+    from klora_pack.nodes.lora_loaders import KLoRAStyleLoader, KLoRASubjectLoader
 
     clip_path = demo_models.ensure_file("clip", demo_models.default_cache_dir())
     clip = comfy.sd.load_clip(ckpt_paths=[str(clip_path)], clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
@@ -36,7 +36,7 @@ def test_clip_part_matches_lora_loader(klora_pack, tmp_path):
     lora_factory.save_lora(mixed, loras / "with_te.safetensors")
     folder_paths.add_model_folder_path("loras", str(loras))
 
-    handle, ours = KLoRASubjectLoader().load("with_te.safetensors", 1.0, clip=clip, strength_clip=0.7)
+    handle, ours = KLoRASubjectLoader.execute("with_te.safetensors", 1.0, clip=clip, strength_clip=0.7).args
     reference = comfy.sd.load_lora_for_models(None, clip, mixed, 0.0, 0.7)[1]
     assert handle.role == "subject" and set(handle.state_dict) == set(mixed)
     assert ours is not clip and len(ours.patcher.patches) == 12
@@ -49,5 +49,5 @@ def test_clip_part_matches_lora_loader(klora_pack, tmp_path):
     assert torch.equal(cond_ours, cond_ref) and torch.equal(pooled_ours, pooled_ref)
     assert not torch.allclose(cond_ours, cond_plain)  # the text-encoder part really changed the encoding
 
-    style, no_clip = KLoRAStyleLoader().load("with_te.safetensors", 1.0)
+    style, no_clip = KLoRAStyleLoader.execute("with_te.safetensors", 1.0).args
     assert style.role == "style" and no_clip is None

@@ -61,7 +61,13 @@ def test_run_grid_draws_a_contact_sheet(tmp_path):
     cells = sorted(p.name for p in (out / "grid").glob("alpha*.png"))
     assert cells == ["alpha1_beta0.5_seed0.png", "alpha2_beta0.5_seed0.png"]
     width, height = _png_size(out / "grid_seed0.png")
-    assert height > 2 * 64 > width - 100  # two rows (alphas), one column (beta)
+    assert height > 2 * 64  # two rows (alphas)
+    # Beside each image its selection map: alpha changes which LoRA the weights take (demo pair, 2 steps:
+    # 7 weights keep the subject at step 1 with alpha 1, 1 with alpha 2), which the noise images cannot show.
+    maps = [out / "grid" / f"map_alpha{a}_beta0.5_seed0.png" for a in (1, 2)]
+    assert maps[0].read_bytes() != maps[1].read_bytes()
+    map_w, map_h = _png_size(maps[0])
+    assert width > 64 + map_w * min(1.0, 256 / map_h) - 10  # one column = image + map
     report = (out / "report.txt").read_text()
     assert report.count("gamma") == 2 and "alpha 1, beta 0.5" in report and "alpha 2, beta 0.5" in report
 

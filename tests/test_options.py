@@ -17,7 +17,7 @@ from klora_core.cli import main as cli
 DOCUMENTED = {
     "strength": (-100.0, 100.0, 1.0),
     "alpha": (0.0, 10.0, 1.5),
-    "beta": (-1.0, 10.0, -1.0),
+    "beta": (-1.0, 10.0, 0.5),  # 0.1.0: default -1 (= the pattern's value; still accepted, same meaning)
     "steps": (1, 150, 20),
 }
 
@@ -77,7 +77,8 @@ def _node_accepts(node_spec: dict, value, runtime_check) -> bool:
 ])
 def test_same_values_everywhere(klora_pack, option, flag, param, node_input):
     from klora_pack.klora_core import options
-    from klora_pack.nodes.node_defs import KLoRAFuse, KLoRASubjectLoader
+    from klora_pack.nodes.fuse_node import KLoRAFuse
+    from klora_pack.nodes.lora_loaders import KLoRASubjectLoader
 
     node_cls = KLoRAFuse if node_input[0] == "fuse" else KLoRASubjectLoader
     spec = node_cls.INPUT_TYPES()
@@ -107,7 +108,7 @@ def test_cli_map_refuses_what_the_node_refuses():
 def test_nan_strength_is_refused_by_the_loader_naming_the_input(klora_pack, tmp_path):
     """A workflow JSON can carry NaN: ComfyUI's min/max check lets it through, the loader must not."""
     from klora_pack.klora_core.errors import KLoRAError
-    from klora_pack.nodes.node_defs import KLoRASubjectLoader
+    from klora_pack.nodes.lora_loaders import KLoRASubjectLoader
 
     with pytest.raises(KLoRAError, match="strength must be a finite number"):
-        KLoRASubjectLoader().load("missing.safetensors", float("nan"))
+        KLoRASubjectLoader.execute("missing.safetensors", float("nan"))

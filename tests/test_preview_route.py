@@ -21,7 +21,8 @@ import torch
 
 from support import workflow_tools as wt
 from klora_core import build_plan
-from klora_core.lora_file import is_attention_module, load_lora_file
+from klora_core.lora_file import load_lora_file
+from klora_core.weight_keys import is_attention_name
 
 pytestmark = [pytest.mark.server]
 
@@ -83,8 +84,8 @@ def expected(live, subject, style, *, subject_strength=1.0, style_strength=1.0, 
     s = {k: v for k, v in s.items() if not k.startswith(("te1_", "te2_"))}
     t = {k: v for k, v in t.items() if not k.startswith(("te1_", "te2_"))}
     if scope == "attention projections":
-        s = {k: v for k, v in s.items() if is_attention_module(k)}
-        t = {k: v for k, v in t.items() if is_attention_module(k)}
+        s = {k: v for k, v in s.items() if is_attention_name(k)}
+        t = {k: v for k, v in t.items() if is_attention_name(k)}
     plan = build_plan(s, t, alpha, beta, pattern)
     return plan, plan.selection(steps)
 
@@ -292,6 +293,37 @@ def test_files_that_cannot_be_fused_are_422(live):
     assert status == 422 and "klora-preview-corrupt.safetensors" in answer["error"]["message"], answer
 
 
+def test_pickles_follow_the_one_reader_policy(live, tmp_path):
+    """A .pt of plain tensors previews like its .safetensors twin (torch weights-only loader); a .pt that
+    would run code is a 422 with the reader's own words (klora_core.safe_load), and never runs."""
+    from safetensors.torch import load_file
+
+    from klora_core.errors import KLoRAError
+    from klora_core.safe_load import load_tensors
+
+    loras = live.server.loras_dir
+    torch.save(load_file(str(loras / live.names["subject"])), loras / "klora-preview-subject.pt")
+    status, answer, _ = call(live, base(live, subject="klora-preview-subject.pt", map_steps="12"))
+    assert status == 200, answer
+    plan, selection = expected(live, live.names["subject"], live.names["style"], steps=12)
+    assert_matches(answer, plan, selection, 12)
+
+    marker = tmp_path / "unpickled"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    payload = loras / "klora-preview-payload.pt"
+    torch.save({"x": Payload()}, payload)
+    with pytest.raises(KLoRAError) as said:
+        load_tensors(payload, "subject LoRA 'klora-preview-payload.pt'")
+    status, answer, _ = call(live, base(live, subject=payload.name))
+    # the route names files as ComfyUI lists them, never by the server's folders
+    assert status == 422 and answer["error"]["message"] == str(said.value).replace(str(payload), payload.name), answer
+    assert not marker.exists()
+
+
 def test_png(live):
     from PIL import Image
 
@@ -359,3 +391,20 @@ def test_preview_equals_the_nodes_own_plan(live, klora_pack, settings):
         node_key = next(k for k in node_selection if (k if isinstance(k, str) else k[0]) == model_key)
         node_row = "".join("1" if c else "0" for c in node_selection[node_key])
         assert preview_rows[canonical] == node_row, canonical
+
+
+def test_options_route_gives_the_frontend_the_paper_values(live):
+    """web/klora.js switches beta with the pattern using these (the paper's values, docs/method.md)."""
+    status, answer, _ = call(live, path="/klora/options")
+    assert status == 200
+    assert answer["pattern_beta"] == {"s": 0.5, "s*": 1.275}
+    assert answer["beta"] == {"min": -1.0, "max": 10.0, "default": 0.5}
+    assert answer["map_steps"] == {"min": 1, "max": 150, "default": 20}
+
+
+def test_omitted_beta_is_the_patterns_value(live):
+    """Omitted (or negative, as 0.1.0 workflows hold) beta is the pattern's paper value, not a fixed default."""
+    for pattern, value in (("s", 0.5), ("s*", 1.275)):
+        for extra in ({}, {"beta": -1}, {"beta": -0.5}):
+            status, answer, _ = call(live, base(live, pattern=pattern, **extra))
+            assert status == 200 and answer["beta"] == value, (pattern, extra, answer.get("beta"))

@@ -113,6 +113,12 @@ def _assert_tooltips(info, node):
             assert opts.get("tooltip"), f"{node}.{name} has no tooltip"
 
 
+def _choices(spec) -> list:
+    """The choices of a combo input as /object_info lists it: a V1 list type, or V3's ("COMBO", {"options"})."""
+    kind, *opts = spec
+    return kind if isinstance(kind, list) else opts[0]["options"] if kind == "COMBO" else None
+
+
 def test_object_info_lists_the_nodes(server):
     info = server.object_info()
     for node in ("KLoRASubjectLoader", "KLoRAStyleLoader", "KLoRAFuse"):
@@ -127,7 +133,7 @@ def test_object_info_lists_the_nodes(server):
         spec = info[node]["input"]
         assert set(spec["required"]) == {"lora_name", "strength"}
         assert set(spec["optional"]) == {"clip", "strength_clip"}
-        assert server.names[lora] in spec["required"]["lora_name"][0]  # combo of the loras folder
+        assert server.names[lora] in _choices(spec["required"]["lora_name"])  # a combo of the loras folder
         assert spec["required"]["strength"][0] == "FLOAT"
         assert spec["optional"]["clip"][0] == "CLIP"
         assert spec["optional"]["strength_clip"][0] == "FLOAT"
@@ -138,12 +144,12 @@ def test_object_info_lists_the_nodes(server):
     assert list(req) == ["model", "subject", "style", "pattern", "alpha", "beta", "scope", "outside_scope",
                          "progress_measure"]
     assert [req[k][0] for k in ("model", "subject", "style")] == ["MODEL", "KLORA_SUBJECT", "KLORA_STYLE"]
-    assert req["pattern"][0] == ["s", "s*"]
+    assert _choices(req["pattern"]) == ["s", "s*"]
     assert req["alpha"][0] == "FLOAT" and req["alpha"][1]["default"] == 1.5
-    assert req["beta"][0] == "FLOAT" and req["beta"][1]["default"] == -1.0
-    assert req["scope"][0] == ["attention projections", "all shared weights"]
-    assert req["outside_scope"][0] == ["both", "subject", "style", "none"]
-    assert req["progress_measure"][0] == ["noise level", "step count"]
+    assert req["beta"][0] == "FLOAT" and req["beta"][1]["default"] == 0.5  # s's paper value (0.1.0: -1)
+    assert _choices(req["scope"]) == ["attention projections", "all shared weights"]
+    assert _choices(req["outside_scope"]) == ["both", "subject", "style", "none"]
+    assert _choices(req["progress_measure"]) == ["noise level", "step count"]
     assert fuse["optional"]["map_steps"][0] == "INT" and fuse["optional"]["map_steps"][1]["default"] == 20
     assert info["KLoRAFuse"]["output"] == ["MODEL", "STRING", "IMAGE"]
 
@@ -209,6 +215,16 @@ def test_missing_file_is_a_validation_error(server):
     assert "missing_subject.safetensors" in str(exc.value)
     assert "10" in exc.value.node_errors
     assert exc.value.node_errors["10"]["class_type"] == "KLoRASubjectLoader"
+
+
+@pytest.mark.parametrize("name, value", [("pattern", "S"), ("scope", "all"), ("outside_scope", "neither"),
+                                         ("progress_measure", "steps")])
+def test_bad_choice_is_a_validation_error(server, name, value):
+    """Refused before anything runs, on every ComfyUI version (0.3.75 does not check V3 combos itself)."""
+    with pytest.raises(PromptRejected) as exc:
+        server.post_prompt(_klora(server.names, **{name: value}))
+    assert exc.value.node_errors["12"]["class_type"] == "KLoRAFuse"
+    assert f"{name} must be one of" in str(exc.value) and repr(value) in str(exc.value), str(exc.value)
 
 
 def test_corrupt_safetensors_names_the_file(server):

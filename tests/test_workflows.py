@@ -5,7 +5,10 @@ output and an input of the same type, every widget value is valid for its
 input (combo choices after substituting the generated model names, numeric
 ranges, seed control values), version fields as the 0.3.75 frontend writes
 them.  API files: the same graph as the UI file (same nodes, values and
-links), and each one runs to completion on the small detectable models.
+links), and each one runs to completion on the small detectable models; the
+model-family workflows (Wan 2.x, Qwen-Image, Z-Image) run on tiny models of
+their own family with LoRAs in two trainers' namings (support/family_workflows.py
+says what stands in for the multi-GB text encoders and the undetectable models).
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ def test_generator_is_in_sync():
     assert not stale, f"regenerate with python scripts/make_workflows.py: {stale}"
 
 
-@pytest.mark.parametrize("name", wt.WORKFLOW_NAMES)
+@pytest.mark.parametrize("name", wt.ALL_WORKFLOW_NAMES)
 def test_ui_workflow_is_valid(live, name):
     workflow = wt.load_ui(name)
     problems = wt.validate_ui(workflow, live.object_info, live.names)
@@ -45,28 +48,20 @@ def test_ui_workflow_is_valid(live, name):
     assert "trigger" in note and "Load" in note and "models/" in note, note
 
 
-@pytest.mark.parametrize("name", wt.WORKFLOW_NAMES)
+@pytest.mark.parametrize("name", wt.ALL_WORKFLOW_NAMES)
 def test_api_matches_ui(live, name):
     """workflows/api/<name>.json is the UI graph in API format: same nodes, widget values and links."""
-    ui, api = wt.load_ui(name), wt.load_api(name)
-    executed = {str(n["id"]): n for n in ui["nodes"] if n["type"] not in wt.FRONTEND_ONLY}
-    assert set(api) == set(executed)
-    for node_id, node in executed.items():
-        entry = api[node_id]
-        assert entry["class_type"] == node["type"]
-        expected = wt.ui_widget_values(node, live.object_info[node["type"]])
-        for link_id, origin, o_slot, target, _t_slot, _type in ui["links"]:
-            if str(target) == node_id:
-                input_name = next(i["name"] for i in node["inputs"] if i["link"] == link_id)
-                expected[input_name] = [str(origin), o_slot]
-        assert entry["inputs"] == expected, f"{name} node {node_id} ({node['type']})"
+    api, expected = wt.without_meta(wt.load_api(name)), wt.ui_to_api(wt.load_ui(name), live.object_info)
+    assert set(api) == set(expected)
+    for node_id, entry in api.items():
+        assert entry == expected[node_id], f"{name} node {node_id} ({entry['class_type']})"
 
 
 def test_fuse_settings_follow_the_paper():
     fuse = {name: next(n for n in wt.load_api(name).values() if n["class_type"] == "KLoRAFuse")["inputs"]
-            for name in wt.WORKFLOW_NAMES}
+            for name in wt.ALL_WORKFLOW_NAMES}
     sdxl = fuse["klora_sdxl_subject_style"]
-    assert (sdxl["pattern"], sdxl["alpha"], sdxl["beta"], sdxl["scope"]) == ("s", 1.5, -1.0, "attention projections")
+    assert (sdxl["pattern"], sdxl["alpha"], sdxl["beta"], sdxl["scope"]) == ("s", 1.5, 0.5, "attention projections")
     flux = fuse["klora_flux_s_star"]
     assert (flux["pattern"], flux["alpha"], flux["beta"]) == ("s*", 1.5, 1.275)
     for name, inputs in fuse.items():
@@ -102,3 +97,54 @@ def test_api_workflow_runs_on_small_models(live, name):
     pattern = prompt[fuse_id]["inputs"]["pattern"]
     assert f"pattern {pattern}," in report and "gamma" in report, report
     assert "24 weights switch per step" in report, report
+
+
+@pytest.mark.parametrize("name", wt.FAMILY_WORKFLOW_NAMES)
+def test_family_workflow_runs_on_tiny_models_of_its_family(live, name):
+    from support import family_models, family_workflows
+
+    files = family_workflows.write_files(live.server, name)
+    prompt = family_workflows.adapt_api(wt.load_api(name), files)
+    entry = live.server.run(prompt, timeout=300)
+    assert entry["status"]["status_str"] == "success"
+    outputs = entry["outputs"]
+    save_type = "SaveAnimatedWEBP" if name == "klora_wan_t2v" else "SaveImage"
+    save_id = next(k for k, v in prompt.items() if v["class_type"] == save_type)
+    saved = live.server.output_file(entry, save_id)
+    assert saved.is_file() and saved.stat().st_size > 0
+    preview_id = next(k for k, v in prompt.items() if v["class_type"] == "PreviewImage")
+    assert outputs[preview_id]["images"], "the selection map reached no PreviewImage"
+    fuse_id = next(k for k, v in prompt.items() if v["class_type"] == "KLoRAFuse")
+    report = outputs[fuse_id]["text"][0]
+    family = family_workflows.RUNS[name].family
+    assert report.startswith(f"K-LoRA on {family_models.FAMILIES[family].config_class}:"), report
+    assert f"{files['subject_tensors']} tensors matched, 0 unmatched" in report, report
+    assert f"{files['style_tensors']} matched, 0 unmatched" in report, report
+    assert "weights switch per step" in report and "WARNING" not in report, report
+
+
+def test_a_workflow_saved_with_0_1_0_runs_identically(live):
+    """0.1.0 saved beta -1 ("the pattern's paper value"); the default is now that value itself (0.5 for s).
+    The saved API workflow must run, and give the same image as with beta 0.5 written out."""
+    import json
+
+    from PIL import Image
+
+    legacy = wt.adapt_api(json.loads((wt.REPO_ROOT / "tests" / "data" / "workflow_0.1.0_sd15_api.json")
+                                     .read_text(encoding="utf-8")), live.names)
+    fuse_id = next(k for k, v in legacy.items() if v["class_type"] == "KLoRAFuse")
+    save_id = next(k for k, v in legacy.items() if v["class_type"] == "SaveImage")
+    sampler_id = next(k for k, v in legacy.items() if v["class_type"] == "KSampler")
+    assert legacy[fuse_id]["inputs"]["beta"] == -1.0 and legacy[fuse_id]["inputs"]["pattern"] == "s"
+    legacy[sampler_id]["inputs"]["seed"] = 90210  # not answered from an earlier test's cache
+    explicit = json.loads(json.dumps(legacy))
+    explicit[fuse_id]["inputs"]["beta"] = 0.5
+    images, reports = [], []
+    for prompt, tag in ((legacy, "legacy"), (explicit, "explicit")):
+        prompt[save_id]["inputs"]["filename_prefix"] = f"klora/legacy_{tag}"
+        entry = live.server.run(prompt, timeout=240)
+        with Image.open(live.server.output_file(entry, save_id)) as image:
+            images.append(image.tobytes())
+        reports.append(entry["outputs"][fuse_id]["text"][0])
+    assert images[0] == images[1]
+    assert "beta 0.5;" in reports[0] and reports[0] == reports[1]

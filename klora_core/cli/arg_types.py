@@ -1,8 +1,11 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""argparse ``type=`` converters shared by the ``map``/``inspect`` and ``run`` commands.
+"""argparse ``type=`` converters and usage errors shared by the ``map``/``inspect`` and ``run`` commands.
 
-Each raises ``argparse.ArgumentTypeError`` with the message argparse prints
-(``klora: error: argument --x: <message>``), so a bad value is exit status 2.
+Each converter raises ``argparse.ArgumentTypeError`` with the message argparse
+prints (``klora: error: argument --x: <message>``), so a bad value is exit
+status 2.  Checks argparse cannot make (two options that only work together,
+a value that depends on another) raise :class:`UsageError`, which
+:func:`klora_core.cli.main.main` reports the same way, also with status 2.
 """
 from __future__ import annotations
 
@@ -10,6 +13,11 @@ import argparse
 import math
 
 from ..errors import KLoRAError
+
+
+class UsageError(KLoRAError):
+    """The command line itself is wrong (exit status 2, like argparse's own errors); the message names
+    the option with its dashes (``--width``)."""
 
 
 def finite_number(text: str) -> float:

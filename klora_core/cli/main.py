@@ -1,6 +1,7 @@
 """Command line: ``python -m klora_core map|inspect [SUBJECT STYLE] [options]`` (and ``run``).
 
-Reads two LoRA ``.safetensors`` files (or generates the seeded demo pair),
+Reads two LoRA files (or generates the seeded demo pair) with the project's
+one reader (:func:`klora_core.safe_load.load_tensors`, as the nodes do),
 scores them once with :func:`klora_core.build_plan` and shows which delta
 K-LoRA applies to each attention weight at each sampling step: a PNG map
 (:func:`klora_core.render.render_selection_map`) and, with ``--table``, a
@@ -11,11 +12,15 @@ the per-step table, the map, and the keys only one LoRA covers (optionally
 as JSON).  No ComfyUI is needed.
 
 Exit status: 0 on success, 1 when an input cannot be used (one line on
-stderr, ``klora: error: ...``), 2 for invalid command-line usage.
+stderr, ``klora: error: ...``), 2 for invalid command-line usage (argparse's
+own errors, a mistyped option with a suggestion, and :class:`UsageError`).
+A missing package (torch, numpy, safetensors, Pillow) is one line too, the
+same for every subcommand (:mod:`klora_core.cli.packages`).
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import math
 import os
@@ -24,7 +29,8 @@ import sys
 from .. import options
 from ..errors import KLoRAError
 from ..options import ALPHA, BETA, CLI_SCOPES, PATTERNS, STEPS, STRENGTH
-from .arg_types import option_value
+from .arg_types import UsageError, option_value
+from .packages import missing_message, missing_packages, package_of
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +52,12 @@ examples:
   %(prog)s dog.safetensors ink.safetensors --pattern 's*' --out ink_map.png
 
 Without SUBJECT and STYLE the seeded demo pair (demo_subject.safetensors,
-demo_style.safetensors; small SD1.5-like attention layout) is written next to
---out and used.  Only .safetensors files are read (kohya, diffusers and PEFT
-key names; the same layer named by different conventions is paired).
-Pickle-based .pt/.ckpt/.bin files are refused: convert them first.
+demo_style.safetensors: the 24 attention projections of the demo SD1.5-shaped
+UNet, the pair `bash scripts/demo.sh` renders with) is written next to --out
+and used.  Files are read as the ComfyUI nodes read them: .safetensors, or
+.pt/.pth/.ckpt/.bin/.pkl with torch's weights-only loader (which refuses
+embedded code); kohya, diffusers and PEFT key names (the same layer named by
+different conventions is paired).
 Exit status: 0 ok, 1 unusable input (one line on stderr), 2 bad usage."""
 
 _INSPECT_EPILOG = """\
@@ -87,10 +95,27 @@ Exit status: 0 ok, 1 unusable input (one line on stderr), 2 bad usage."""
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line error message."""
+    """argparse with a one-line error message, no prefix matching (``--step`` is not ``--steps``: a typo
+    must be an error) and a suggestion for a mistyped option."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):  # noqa: D401 - argparse API
-        self.exit(2, f"klora: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"klora: error: {message}{self._suggestion(message)} (see {self.prog} --help)\n")
+
+    def _suggestion(self, message: str) -> str:
+        """``"; did you mean --steps?"`` for the first unrecognized ``--option`` close to a known one."""
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        known = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+        for word in message.split(":", 1)[1].split():
+            if word.startswith("--"):
+                close = difflib.get_close_matches(word.split("=", 1)[0], known, n=1, cutoff=0.6)
+                if close:
+                    return f"; did you mean {close[0]}?"
+        return ""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score a subject/style LoRA pair and draw the K-LoRA selection map.", epilog=_MAP_EPILOG,
     )
     _add_pair_arguments(m)
-    m.set_defaults(func=run_map)
+    m.set_defaults(func=run_map, check=check_pair_usage)
     i = sub.add_parser(
         "inspect", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="report everything K-LoRA computes for a LoRA pair: formats, family, gamma, per-weight "
@@ -115,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_pair_arguments(i)
     i.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON to FILE")
-    i.set_defaults(func=run_inspect)
+    i.set_defaults(func=run_inspect, check=check_pair_usage)
     from .run_command import add_run_parser  # `run`: render through a real ComfyUI server
 
     add_run_parser(sub)
@@ -124,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_pair_arguments(m: argparse.ArgumentParser) -> None:
     """The options ``map`` and ``inspect`` share."""
-    m.add_argument("subject", nargs="?", metavar="SUBJECT", help="subject LoRA (.safetensors); omit both files for the demo pair")
-    m.add_argument("style", nargs="?", metavar="STYLE", help="style LoRA (.safetensors)")
+    m.add_argument("subject", nargs="?", metavar="SUBJECT",
+                   help="subject LoRA (.safetensors; .pt/.ckpt read weights-only); omit both files for the demo pair")
+    m.add_argument("style", nargs="?", metavar="STYLE", help="style LoRA (.safetensors; .pt/.ckpt read weights-only)")
     m.add_argument("--steps", type=option_value(STEPS, "--steps"), default=STEPS.default,
                    help=f"sampling steps (columns), {STEPS.lo}-{STEPS.hi}; step i has progress i/steps "
                         f"(default {STEPS.default})")
@@ -134,9 +160,9 @@ def _add_pair_arguments(m: argparse.ArgumentParser) -> None:
                         "s* = (alpha*p + beta) mod alpha (supplement; suits FLUX) (default s)")
     m.add_argument("--alpha", type=option_value(ALPHA, "--alpha"), default=ALPHA.default,
                    help=f"schedule slope, {ALPHA.lo:g}-{ALPHA.hi:g} (default {ALPHA.default:g})")
-    m.add_argument("--beta", type=option_value(BETA, "--beta"), default=BETA.default,
-                   help=f"schedule offset, 0-{BETA.hi:g}; a negative value = the pattern's default "
-                        "(0.5 for s, 1.275 for s*) (default -1)")
+    m.add_argument("--beta", type=option_value(BETA, "--beta"), default=None,
+                   help=f"schedule offset, 0-{BETA.hi:g}; higher gives the style more steps "
+                        "(default: the pattern's paper value, 0.5 for s, 1.275 for s*; so does -1)")
     m.add_argument("--subject-strength", type=option_value(STRENGTH, "--subject-strength"),
                    default=STRENGTH.default, metavar="X",
                    help="subject LoRA strength (scales its delta; the choice itself is invariant to it) (default 1)")
@@ -149,7 +175,8 @@ def _add_pair_arguments(m: argparse.ArgumentParser) -> None:
     m.add_argument("--out", default="selection_map.png", metavar="PNG", help="where to write the map (default selection_map.png)")
     m.add_argument("--table", action="store_true", help="print the per-weight table (scores and S/T per step) to stdout")
     m.add_argument("--title", default=None, help="first title line of the map")
-    m.add_argument("--seed", type=int, default=None, help="seed of the generated demo pair (default 2025; demo only)")
+    m.add_argument("--seed", type=int, default=None,
+                   help="seed of the generated demo pair (default 2025, as scripts/demo.sh; demo only)")
     m.add_argument("-v", "--verbose", action="store_true", help="log what is read and paired to stderr")
 
 
@@ -159,13 +186,26 @@ def _version() -> str:
     return __version__
 
 
+def _read_lora(path, role: str, strength: float):
+    """``({canonical module: (up, down)}, facts)`` of one LoRA file; facts: its format, base-model family
+    (from names and shapes) and tensor count."""
+    from ..lora_file import detect_family, detect_format, lora_modules
+    from ..safe_load import load_tensors
+
+    state_dict = load_tensors(path, f"{role} LoRA")
+    modules = lora_modules(state_dict, strength, source=os.fspath(path))
+    facts = {"format": detect_format(state_dict), "family": detect_family(state_dict), "tensors": len(state_dict)}
+    log.info("%s: %d LoRA modules, format %s, family %s", os.fspath(path), len(modules), facts["format"],
+             facts["family"])
+    return modules, facts
+
+
 def _load_pair(args, info=None):
     """``(subject, style)`` module dicts, kept to ``--scope``; ``info`` (a dict) also gets the paths,
-    the name-based families and every module name of both files, before the scope filter."""
-    from ..lora_file import detect_family, is_attention_module, load_lora_file
+    the name-based families, each file's facts and every module name of both files, before the scope filter."""
+    from ..lora_file import detect_family
+    from ..weight_keys import is_attention_name
 
-    if (args.subject is None) != (args.style is None):
-        raise KLoRAError("give both SUBJECT and STYLE LoRA files, or neither for the demo pair")
     if args.subject is None:
         from .demo_pair import DEFAULT_SEED, save_demo_pair
 
@@ -178,20 +218,21 @@ def _load_pair(args, info=None):
         print(f"demo LoRAs (seed {seed}): {subject_path} {style_path}")
     else:
         subject_path, style_path = args.subject, args.style
-    subject = load_lora_file(subject_path, args.subject_strength)
-    style = load_lora_file(style_path, args.style_strength)
+    subject, subject_facts = _read_lora(subject_path, "subject", args.subject_strength)
+    style, style_facts = _read_lora(style_path, "style", args.style_strength)
     fam_s, fam_t = detect_family(subject), detect_family(style)
     if "unknown" not in (fam_s, fam_t) and fam_s != fam_t:
         raise KLoRAError(f"the subject LoRA looks like {fam_s} but the style LoRA like {fam_t}; both must fit the same base model")
     shared = [k for k in subject if k in style]
     if info is not None:
         info.update(paths=(subject_path, style_path), families=(fam_s, fam_t),
+                    facts=(subject_facts, style_facts),
                     subject_keys=tuple(subject), style_keys=tuple(style))
     log.info("paired %d modules; %d only in subject, %d only in style",
              len(shared), len(subject) - len(shared), len(style) - len(shared))
     if args.scope == "attention":
-        kept_s = {k: v for k, v in subject.items() if is_attention_module(k)}
-        kept_t = {k: v for k, v in style.items() if is_attention_module(k)}
+        kept_s = {k: v for k, v in subject.items() if is_attention_name(k)}
+        kept_t = {k: v for k, v in style.items() if is_attention_name(k)}
         if shared and not any(k in kept_t for k in kept_s):
             raise KLoRAError(
                 f"the LoRAs share {len(shared)} weights but no attention projection (q/k/v/out); use --scope all"
@@ -205,12 +246,18 @@ def _load_pair(args, info=None):
     return subject, style
 
 
+def check_pair_usage(args) -> None:
+    """What argparse cannot check for ``map``/``inspect``: both files or neither, a PNG ``--out``."""
+    if (args.subject is None) != (args.style is None):
+        raise UsageError("give both SUBJECT and STYLE LoRA files, or neither for the demo pair")
+    if not args.out.lower().endswith(".png"):
+        raise UsageError(f"--out {args.out}: the selection map is written as PNG; use a .png file name")
+
+
 def run_map(args) -> int:
     from ..plan import build_plan
     from ..render import render_selection_map, selection_table
 
-    if not args.out.lower().endswith(".png"):
-        raise KLoRAError(f"{args.out}: the selection map is written as PNG; use a .png file name")
     folder = os.path.dirname(os.path.abspath(args.out))
     try:
         os.makedirs(folder, exist_ok=True)
@@ -233,29 +280,6 @@ def run_map(args) -> int:
     return 0
 
 
-class _Shape:
-    """Stands in for a tensor in :func:`~klora_core.lora_file.detect_family` (which reads ``.shape``)."""
-
-    __slots__ = ("shape",)
-
-    def __init__(self, shape):
-        self.shape = tuple(shape)
-
-
-def _file_facts(path) -> dict:
-    """LoRA format, base-model family and tensor count of a ``.safetensors`` file, from its header only."""
-    from ..lora_file import detect_family, detect_format
-
-    try:
-        from safetensors import safe_open
-
-        with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
-            shapes = {key: _Shape(f.get_slice(key).get_shape()) for key in f.keys()}
-    except Exception as exc:  # the file was read successfully just before; report, do not guess
-        raise KLoRAError(f"{path}: cannot read the safetensors header ({exc})") from None
-    return {"format": detect_format(shapes), "family": detect_family(shapes), "tensors": len(shapes)}
-
-
 def _fmt_keys(keys) -> list:
     return [f"  {k}" for k in keys] or ["  (none)"]
 
@@ -269,7 +293,7 @@ def run_inspect(args) -> int:
     from ..render import _schedule_text, render_selection_map
 
     if not args.out.lower().endswith(".png"):
-        raise KLoRAError(f"{args.out}: the selection map is written as PNG; use a .png file name")
+        raise UsageError(f"--out {args.out}: the selection map is written as PNG; use a .png file name")
     for target in (args.out, args.json):
         if target is None:
             continue
@@ -280,7 +304,7 @@ def run_inspect(args) -> int:
             raise KLoRAError(f"{folder}: cannot create the output folder ({exc.strerror or exc})") from None
     info = {}
     subject, style = _load_pair(args, info)
-    facts = [_file_facts(path) for path in info["paths"]]
+    facts = info["facts"]
     families = {f["family"] for f in facts} - {"unknown"}
     if len(families) > 1:
         raise KLoRAError(f"the subject LoRA looks like {facts[0]['family']} but the style LoRA like "
@@ -357,23 +381,50 @@ def run_inspect(args) -> int:
     return 0
 
 
+def parse_arguments(parser: argparse.ArgumentParser, argv=None):
+    """``parser.parse_args(argv)``, but an unknown option is reported by its subcommand's parser: the
+    message then says ``see python -m klora_core run --help`` and suggests that command's own options."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        commands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="klora: %(levelname)s: %(message)s", stream=sys.stderr)
     try:
+        args.check(args)  # usage first: exit 2 whatever is installed
+        missing = missing_packages()
+        if missing:
+            raise KLoRAError(missing_message(args.command, missing))
         return args.func(args)
+    except UsageError as exc:
+        sys.stderr.write(f"klora: error: {exc} (see {PROG} {args.command} --help)\n")
+        return 2
     except KLoRAError as exc:
         sys.stderr.write(f"klora: error: {exc}\n")
+        return 1
+    except ImportError as exc:  # a package that imported above but fails deeper down (a broken install)
+        if package_of(exc) is None or getattr(args, "verbose", False):
+            return _unexpected(exc, args)
+        sys.stderr.write(f"klora: error: {missing_message(args.command, [package_of(exc)])} ({exc})\n")
         return 1
     except KeyboardInterrupt:
         sys.stderr.write("klora: interrupted\n")
         return 130
     except Exception as exc:  # anything unforeseen: still one line and a non-zero status
-        if getattr(args, "verbose", False):
-            raise
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        sys.stderr.write(f"klora: error: unexpected {type(exc).__name__}{': ' + detail if detail else ''} "
-                         "(run again with -v for the traceback)\n")
-        return 1
+        return _unexpected(exc, args)
+
+
+def _unexpected(exc: Exception, args) -> int:
+    """One line for an error nobody foresaw (the traceback with -v); status 1."""
+    if getattr(args, "verbose", False):
+        raise exc
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    sys.stderr.write(f"klora: error: unexpected {type(exc).__name__}{': ' + detail if detail else ''} "
+                     "(run again with -v for the traceback)\n")
+    return 1

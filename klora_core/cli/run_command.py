@@ -13,7 +13,8 @@ re-implemented here.
 Without model arguments it generates the seeded demo models of
 :mod:`klora_core.cli.demo_models` (an SD1.5-detectable UNet, a CLIP-L text
 encoder, a TAESD-layout VAE and a subject/style LoRA pair) into a cache
-folder and uses the cached ComfyUI 0.3.75 of ``scripts/setup_comfyui_env.sh``.
+folder and uses the cached ComfyUI 0.3.75 of ``scripts/setup_comfyui_env.sh``
+(``KLORA_COMFYUI_VERSION=0.8.0``: its cached 0.8.0).
 
 No ComfyUI import: only the standard library, torch/safetensors (to write the
 demo models) and Pillow (loaded lazily to draw the ``--grid`` contact sheet;
@@ -32,7 +33,10 @@ import time
 import urllib.error
 from pathlib import Path
 
-from .comfy.server import ComfyUIServer, ServerError, find_comfy_root, link_or_copy, server_uses_cpu
+from .arg_types import UsageError
+from .comfy.sampler_names import unknown_name_message
+from .comfy.server import (PACK_DIR_NAME, ComfyUIServer, ServerError, find_comfy_root, link_or_copy,
+                           server_uses_cpu)
 from .contact_sheet import contact_sheet, short_number
 from ..errors import KLoRAError
 from .run_graphs import IDS, NODE_LABELS, build_workflow
@@ -43,7 +47,7 @@ from .terminal_progress import Progress
 def add_run_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``run`` subcommand on ``subparsers`` (klora_core.cli.main)."""
     parser = build_run_parser(subparsers)
-    parser.set_defaults(func=run_command)
+    parser.set_defaults(func=run_command, check=check_run_options)
     return parser
 
 
@@ -65,8 +69,13 @@ def run_command(args) -> int:
 
 def _run(args) -> int:
     t_start = time.monotonic()
-    check_run_options(args)
+    if not hasattr(args, "seeds"):  # called without klora_core.cli.main (which checks usage first)
+        check_run_options(args)
     comfy_root = find_comfy_root(args.comfyui)
+    for kind in ("sampler", "scheduler"):  # a typo fails here, not after ComfyUI started
+        message = unknown_name_message(comfy_root, kind, getattr(args, kind), PACK_DIR_NAME)
+        if message:
+            raise UsageError(message)
     out_dir = Path(args.out).expanduser()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -80,7 +89,7 @@ def _run(args) -> int:
     env = dict(os.environ)
     if cpu:
         # OpenMP threads that spin while waiting slow CPU sampling down many times over
-        # on a busy machine (measured 0.5 s -> 2.9 s per UNet call); passive waiting avoids it.
+        # on a busy machine (bench/README.md); passive waiting avoids it.
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -203,8 +212,8 @@ def _render(args, server: ComfyUIServer, names: dict, out_dir: Path, events, say
         report = _report_text(entry)
         if args.grid:
             stem = f"alpha{short_number(a)}_beta{short_number(b)}_seed{seed}"
-            cells[(seed, a, b)] = _save_first(server, entry, IDS["save"], out_dir / "grid" / f"{stem}.png")
-            _save_first(server, entry, IDS["map"], out_dir / "grid" / f"map_{stem}.png")
+            cells[(seed, a, b)] = (_save_first(server, entry, IDS["save"], out_dir / "grid" / f"{stem}.png"),
+                                   _save_first(server, entry, IDS["map"], out_dir / "grid" / f"map_{stem}.png"))
             if seed == args.seeds[0]:
                 reports.append(f"== alpha {short_number(a)}, beta {short_number(b)} ==\n{report}")
         else:
@@ -215,7 +224,7 @@ def _render(args, server: ComfyUIServer, names: dict, out_dir: Path, events, say
     if args.grid:
         written.append(out_dir / "grid")
         for seed in args.seeds:
-            title = (f"K-LoRA, pattern {args.pattern}, seed {seed}, {args.steps} steps: rows alpha, columns beta")
+            title = f"K-LoRA, pattern {args.pattern}, seed {seed}, {args.steps} steps: rows alpha, columns beta"
             sheet = contact_sheet({(a, b): cells[(seed, a, b)] for a in alphas for b in betas}, alphas, betas,
                                   title, out_dir / f"grid_seed{seed}.png")
             written.append(sheet)

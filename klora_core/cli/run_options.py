@@ -10,7 +10,7 @@ import argparse
 from .. import options
 from ..errors import KLoRAError
 from ..options import ALPHA, BETA, CLI_MEASURES, CLI_SCOPES, OUTSIDE_CHOICES, PATTERNS, STEPS, STRENGTH
-from .arg_types import finite_number, float_list, int_in_range, option_value
+from .arg_types import UsageError, finite_number, float_list, int_in_range, option_value
 from .comfy.client import DEFAULT_PROMPT_TIMEOUT
 
 RUN_EPILOG = """\
@@ -53,7 +53,7 @@ def build_run_parser(subparsers) -> argparse.ArgumentParser:
     where = r.add_argument_group("ComfyUI")
     where.add_argument("--comfyui", metavar="PATH", default=None,
                        help="ComfyUI folder to run (default: $COMFYUI_PATH, else the cached ComfyUI of "
-                            "scripts/setup_comfyui_env.sh)")
+                            "scripts/setup_comfyui_env.sh, the version $KLORA_COMFYUI_VERSION names)")
     where.add_argument("--python", metavar="EXE", default=None,
                        help="python that runs ComfyUI (default: this python)")
     where.add_argument("--cpu", action="store_true",
@@ -102,9 +102,9 @@ def build_run_parser(subparsers) -> argparse.ArgumentParser:
                             "(supplement; FLUX) (default s)")
     klora.add_argument("--alpha", type=option_value(ALPHA, "--alpha"), default=ALPHA.default,
                        help=f"schedule slope, {ALPHA.lo:g}-{ALPHA.hi:g} (default {ALPHA.default:g})")
-    klora.add_argument("--beta", type=option_value(BETA, "--beta"), default=BETA.default,
-                       help=f"schedule offset, 0-{BETA.hi:g}; a negative value = the pattern's default, 0.5 for s, "
-                            "1.275 for s* (default -1)")
+    klora.add_argument("--beta", type=option_value(BETA, "--beta"), default=None,
+                       help=f"schedule offset, 0-{BETA.hi:g}; higher gives the style more steps (default: the "
+                            "pattern's paper value, 0.5 for s, 1.275 for s*; so does -1)")
     klora.add_argument("--scope", choices=sorted(CLI_SCOPES), default="attention",
                        help="weights K-LoRA switches: attention projections (paper) or all shared weights "
                             "(default attention)")
@@ -114,7 +114,10 @@ def build_run_parser(subparsers) -> argparse.ArgumentParser:
                        help="sampling progress p from the noise level or by counting steps (default noise)")
     klora.add_argument("--grid", nargs=2, type=float_list, metavar=("ALPHAS", "BETAS"), default=None,
                        help="render every alpha x beta combination (comma-separated lists, e.g. "
-                            "--grid 1.0,1.5,2.0 0.3,0.5,0.7) and draw one labelled contact sheet per seed")
+                            "--grid 1.0,1.5,2.0 0.3,0.5,0.7) and draw one labelled contact sheet per seed: each "
+                            "cell shows the image and, beside it, that cell's selection map (which LoRA each "
+                            "weight takes at each step), since alpha and beta change the choice of delta, "
+                            "which the demo's random-weight images cannot show")
     out = r.add_argument_group("output")
     out.add_argument("--out", metavar="DIR", default="demo-output", help="output folder (default demo-output)")
     out.add_argument("--keep-temp", action="store_true",
@@ -124,10 +127,11 @@ def build_run_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def grid_axes(args) -> tuple:
-    """``(alphas, betas)`` to render: the two --grid lists, else ``([--alpha], [--beta])``."""
+    """``(alphas, betas)`` to render: the two --grid lists, else ``([--alpha], [--beta])``; every beta
+    resolved (an omitted or negative beta is the pattern's paper value, so labels and reports show it)."""
     alphas = args.grid[0] if args.grid else [args.alpha]
     betas = args.grid[1] if args.grid else [args.beta]
-    return alphas, betas
+    return alphas, [options.resolve_beta(b, args.pattern) for b in betas]
 
 
 def check_run_options(args) -> None:
@@ -135,24 +139,27 @@ def check_run_options(args) -> None:
 
     Sets ``args.width``/``args.height`` (128 px for the demo models, 512 px with
     --checkpoint) and ``args.seeds`` (the --seed list, default ``[0]``); raises
-    KLoRAError (exit status 1) on a combination that cannot run.
+    UsageError (exit status 2, like argparse's own errors) on a combination that
+    cannot run, naming the options with their dashes.
     """
     if (args.subject is None) != (args.style is None):
-        raise KLoRAError("give both --subject and --style, or neither for the demo LoRA pair")
+        raise UsageError("give both --subject and --style, or neither for the demo LoRA pair")
     if args.checkpoint and args.subject is None:
-        raise KLoRAError("with --checkpoint give --subject and --style too: the demo LoRAs only fit the demo UNet")
+        raise UsageError("with --checkpoint give --subject and --style too: the demo LoRAs only fit the demo UNet")
     args.width = args.width or (512 if args.checkpoint else 128)
     args.height = args.height or (512 if args.checkpoint else 128)
     for name in ("width", "height"):
         if getattr(args, name) % 8:
-            raise KLoRAError(f"--{name} must be a multiple of 8, got {getattr(args, name)}")
-    alphas, betas = grid_axes(args)
-    for a in alphas:
-        ALPHA.check("--grid alpha" if args.grid else "--alpha", a)
-    for b in betas:
-        BETA.check("--grid beta" if args.grid else "--beta", b)
-    if args.grid and len(alphas) * len(betas) > 64:
-        raise KLoRAError(f"--grid asks for {len(alphas) * len(betas)} images; at most 64")
+            raise UsageError(f"--{name} must be a multiple of 8, got {getattr(args, name)}")
+    if args.grid:
+        for label, values, spec in (("ALPHAS", args.grid[0], ALPHA), ("BETAS", args.grid[1], BETA)):
+            for value in values:
+                try:
+                    spec.check(f"--grid {label} value", value)
+                except KLoRAError as exc:
+                    raise UsageError(str(exc)) from None
+        if len(args.grid[0]) * len(args.grid[1]) > 64:
+            raise UsageError(f"--grid asks for {len(args.grid[0]) * len(args.grid[1])} images; at most 64")
     if args.timeout <= 0:
-        raise KLoRAError("--timeout must be positive")
+        raise UsageError(f"--timeout must be positive, got {args.timeout:g}")
     args.seeds = args.seed or [0]

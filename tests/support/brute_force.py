@@ -2,8 +2,8 @@
 
 A separate copy of the tiny model (same seed, so bit-identical base weights)
 gets ``W0 + chosen delta`` rebuilt from scratch in float64 at EVERY model call,
-from the LoRA factory's truth tensors and the plain spec reference in
-klora_reference.py.  It shares no code with the pack: progress is found by
+from the LoRA factory's truth tensors and the plain reference in
+klora_reference.py (written from docs/method.md).  It shares no code with the pack: progress is found by
 a plain bisection on the model's ``percent_to_sigma``, taken as exactly
 ``i / N`` when it lies on the grid of the run's full N-step schedule; in step-count mode it is the index within the pass.
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from support import family_models
 from support import klora_reference
-from support import tiny_models
 
 
 def units_of(truth: dict, strength: float) -> dict:
@@ -59,7 +59,7 @@ class BruteForce:
     """Reference model: sample with ``comfy.sample.sample(self.patcher, ...)``.
 
     Args:
-        family, seed: the tiny model to copy.
+        family, seed: the tiny model to copy (any family of ``family_models.FAMILIES``).
         subject_truth, style_truth: LoRA factory truths.
         strengths: (subject, style).
         alpha, beta, pattern: schedule.
@@ -72,13 +72,13 @@ class BruteForce:
         """``extras``: [(truth, strength)] always applied (plain LoRAs);
         ``more_pairs``: [(subject_truth, style_truth, (s_strength, t_strength), alpha, beta, pattern)]
         further K-LoRA pairs stacked on the same weights; ``patcher``: a prepared base model to use."""
-        self.patcher = patcher if patcher is not None else tiny_models.build_model(family, seed)
+        self.patcher = patcher if patcher is not None else family_models.build_model(family, seed)
         self.model = self.patcher.model
         self.pairs = []
         for truth_s, truth_t, (ss, st), a, b, pat in [(subject_truth, style_truth, strengths, alpha, beta, pattern),
                                                       *more_pairs]:
             subject, style = units_of(truth_s, ss), units_of(truth_t, st)
-            rows = {name: p.shape[0] for name, p in self.model.named_parameters()}
+            rows = {name: p.shape[0] for name, p in self.model.named_parameters() if p.dim()}
             merge_mismatched_layouts(subject, style, rows)
             self.pairs.append((subject, style, klora_reference.reference_plan(subject, style, a, b, pat)))
         self.subject, self.style, self.plan = self.pairs[0]
@@ -145,3 +145,13 @@ class BruteForce:
         self.progress_log.append(p)
         self._set_weights(p)
         return apply_model(args["input"], args["timestep"], **args["c"])
+
+
+def sample_reference(model_patcher, family, subject_truth, style_truth, steps: int, scheduler: str):
+    """``(latent, BruteForce)``: the brute-force run of ``family`` (family_models.sample, seed 0) at the
+    default schedule, its full sigma schedule taken from ``model_patcher``'s own sampling object."""
+    import comfy.samplers
+
+    full = comfy.samplers.calculate_sigmas(model_patcher.get_model_object("model_sampling"), scheduler, steps)
+    ref = BruteForce(family, 0, subject_truth, style_truth, full_sigmas=full)
+    return family_models.sample(ref.patcher, family, steps=steps, scheduler=scheduler), ref

@@ -4,10 +4,15 @@
     root = setup_comfy()          # ComfyUI root path; comfy.* importable, CPU only
     pack = load_pack()            # this repository as package ``klora_pack``
 
-Where ComfyUI is found (same rules as scripts/setup_comfyui_env.sh):
+Where ComfyUI is found (same rules as scripts/setup_comfyui_env.sh and the
+runner, :func:`klora_core.cli.comfy.server.find_comfy_root`):
 1. ``COMFYUI_PATH`` (any ComfyUI checkout, e.g. a user's own install);
-2. else the path written by that script to ``$KLORA_ENV_DIR/comfyui_path``
-   (``KLORA_ENV_DIR`` defaults to ``~/.cache/klora-comfyui``).
+2. else the cached ComfyUI that ``KLORA_COMFYUI_VERSION`` names (default
+   0.3.75): the path that script wrote to ``comfyui_path`` in
+   ``$KLORA_ENV_DIR`` (0.3.75) or ``$KLORA_ENV_DIR/comfyui-<version>``
+   (``KLORA_ENV_DIR`` defaults to ``~/.cache/klora-comfyui``).  Run pytest
+   with that environment's ``venv/bin/python``: servers the tests start use
+   the python running the tests.
 
 Why the ordering rules below matter:
 - ComfyUI parses the command line at import time unless told not to, and would
@@ -25,7 +30,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
-import os
+import re
 import sys
 import types
 from pathlib import Path
@@ -34,40 +39,47 @@ logger = logging.getLogger("klora.tests.comfy_env")
 
 #: Name under which the repository is imported as a package.
 PACK_NAME = "klora_pack"
-#: Repository root (this file lives in <root>/tests/).
+#: Repository root (this file lives in <root>/tests/support/).
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# ``klora_core`` importable; appended, so the repository's ``nodes/`` never shadows ComfyUI's ``nodes.py``.
+if str(REPO_ROOT) not in sys.path:
+    sys.path.append(str(REPO_ROOT))
+
+from klora_core.cli.comfy import server as _runner  # noqa: E402  (standard library + klora_core only)
+from klora_core.errors import KLoRAError  # noqa: E402
+
 SETUP_HINT = (
-    "build the cached test environment with scripts/setup_comfyui_env.sh "
+    "build the cached test environment with scripts/setup_comfyui_env.sh [--comfyui VERSION] "
     "(or point COMFYUI_PATH at a ComfyUI checkout) and run pytest with that venv's python"
 )
 
 _comfy_root: Path | None = None
+#: How often ComfyUI was asked for (find_comfy_root / setup_comfy calls): tests/conftest.py checks
+#: that only tests marked ``comfyui`` ask, so the second ComfyUI's leg of scripts/test.sh misses none.
+lookups = 0
 
 
 class ComfyEnvError(RuntimeError):
     """ComfyUI could not be located or imported; the message says how to fix it."""
 
 
-def env_dir() -> Path:
-    """Directory of the cached test environment (``KLORA_ENV_DIR`` or ~/.cache/klora-comfyui)."""
-    return Path(os.environ.get("KLORA_ENV_DIR") or Path.home() / ".cache" / "klora-comfyui")
-
-
 def find_comfy_root() -> Path:
     """Locate the ComfyUI root (folder holding ``nodes.py`` and ``comfy/``) without importing it."""
-    explicit = os.environ.get("COMFYUI_PATH")
-    if explicit:
-        root = Path(explicit).expanduser()
-        source = f"COMFYUI_PATH={explicit}"
-    else:
-        marker = env_dir() / "comfyui_path"
-        if not marker.is_file():
-            raise ComfyEnvError(f"ComfyUI not found: {marker} does not exist; {SETUP_HINT}")
-        root = Path(marker.read_text().strip()).expanduser()
-        source = str(marker)
-    if not (root / "nodes.py").is_file() or not (root / "comfy").is_dir():
-        raise ComfyEnvError(f"{root} (from {source}) is not a ComfyUI checkout (no nodes.py / comfy/); {SETUP_HINT}")
-    return root.resolve()
+    global lookups
+    lookups += 1
+    try:
+        root = _runner.find_comfy_root()
+    except KLoRAError as exc:
+        raise ComfyEnvError(f"{exc}; {SETUP_HINT}") from None
+    if not (root / "nodes.py").is_file():
+        raise ComfyEnvError(f"{root} is not a ComfyUI checkout (no nodes.py); {SETUP_HINT}")
+    return root
+
+
+def comfy_version(root: Path) -> str:
+    """The version a ComfyUI tree declares (``comfyui_version.py``), read without importing it."""
+    text = (Path(root) / "comfyui_version.py").read_text(encoding="utf-8")
+    return re.search(r"__version__\s*=\s*[\"']([^\"']+)", text).group(1)
 
 
 def _module_file_under(name: str, root: Path) -> bool:
@@ -88,10 +100,12 @@ def _module_file_under(name: str, root: Path) -> bool:
 def setup_comfy(cpu: bool = True) -> Path:
     """Make ComfyUI importable in this process (CPU only unless ``cpu=False``) and return its root path.
 
-    Idempotent (the first call decides the device). Raises ComfyEnvError (pointing at scripts/setup_comfyui_env.sh)
+    Idempotent: the first call decides the device (the benchmarks' GPU runs, bench/modes.py and
+    bench/flips.py with ``--device cuda``, pass ``cpu=False``). Raises ComfyEnvError (pointing at scripts/setup_comfyui_env.sh)
     when ComfyUI is missing or fails to import.
     """
-    global _comfy_root
+    global _comfy_root, lookups
+    lookups += 1
     if _comfy_root is not None:
         return _comfy_root
     root = find_comfy_root()
@@ -112,7 +126,7 @@ def setup_comfy(cpu: bool = True) -> Path:
         comfy.options.enable_args_parsing(False)
         import comfy.cli_args
 
-        comfy.cli_args.args.cpu = cpu  # False only for the benchmarks' GPU runs (bench/flips.py --device cuda)
+        comfy.cli_args.args.cpu = cpu
         import comfy.model_management  # noqa: F401  (device chosen now)
         import utils.extra_config  # noqa: F401  (must precede ``import nodes``)
         import nodes  # noqa: F401

@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""A deliberately plain reference implementation of K-LoRA, written from
-/work/shared/klora-spec.md only, used by the tests to check ``klora_core``.
+"""A deliberately plain reference implementation of K-LoRA, written from the
+method's description only (docs/method.md), used by the tests to check ``klora_core``.
 
 Nothing here is clever or fast:
 
@@ -15,7 +15,7 @@ Nothing here is clever or fast:
 - step ``i`` uses the subject delta iff ``TS / gamma > TT * scale(p)``
   (strictly greater: ties go to style).
 
-Conventions that the spec leaves open and that klora_core documents (mirrored
+Conventions that the paper leaves open and that docs/method.md documents (mirrored
 here so the two can be compared):
 
 - pattern ``s*`` with ``alpha == 0`` has the constant factor ``beta``;

@@ -26,14 +26,8 @@ Conditioning (``make_conds``): ComfyUI CONDITIONING lists
 for the UNets, 8 tokens for FLUX; P = 1280 (SDXL), 32 (FLUX); FLUX also gets
 ``"guidance": 3.5``.
 
-Timings measured on this project's 2-core CPU machine, after ComfyUI is
-imported (6-9 s once per process): building a model 12-50 ms; a 4-step
-``comfy.sample.sample`` run (euler, normal, cfg 2, 8x8 latent, batch 1),
-single-threaded torch (tests/conftest.py sets that): SD1.5 0.13 s, SDXL
-0.12 s, FLUX 0.05 s on an idle machine (0.34 / 0.28 / 0.12 s while other
-test runs load both cores); the first call in a process adds ~30 ms. With
-2 torch threads on a loaded machine the same run took 1-15 s (OpenMP
-spin-waiting), hence the single thread.
+They are small enough that a sampling run takes a fraction of a second on one
+CPU thread (timings: bench/README.md, "The test models").
 """
 from __future__ import annotations
 
@@ -127,6 +121,24 @@ def fill_seeded_(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:
             p.copy_(values.to(p.dtype))
 
 
+def installed_config(family: str, **overrides) -> dict:
+    """``CONFIGS[family]`` with ``overrides``, plus what the imported ComfyUI's model class requires.
+
+    Feature-detected, not by version: ComfyUI 0.8's ``FluxParams`` has a required
+    field ``txt_ids_dims`` (FLUX.1: ``[]``, as its ``model_detection`` sets it),
+    which 0.3.75's rejects.
+    """
+    config = {**CONFIGS[family], **overrides}
+    if family == "flux":
+        import dataclasses
+
+        from comfy.ldm.flux.model import FluxParams
+
+        if "txt_ids_dims" in {f.name for f in dataclasses.fields(FluxParams)}:
+            config.setdefault("txt_ids_dims", [])
+    return config
+
+
 def build_model(family: str, seed: int = 0, std: float = 0.05):
     """Build a tiny float32 model of ``family`` ("sd15", "sdxl", "flux"), wrapped in a CPU ModelPatcher."""
     if family not in CONFIGS:
@@ -134,7 +146,7 @@ def build_model(family: str, seed: int = 0, std: float = 0.05):
     setup_comfy()
     import comfy.model_patcher
 
-    model_config = _model_config_class(family)(dict(CONFIGS[family]))
+    model_config = _model_config_class(family)(installed_config(family))
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model({}, device=torch.device("cpu"))
     model.eval()

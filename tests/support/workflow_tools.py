@@ -3,12 +3,15 @@
 - :func:`live_server`: ONE real ComfyUI server (tests/server_harness.py) per
   pytest session for test_preview_route.py, test_workflows.py and
   test_browser.py, with the small detectable models (tests/detectable_models.py),
-  a checkpoint assembled from them, and an input image.  Started on first use,
+  a checkpoint assembled from them, an input image, and the test-only nodes of
+  tests/support/comfy_test_nodes (for the model-family workflows).  Started on first use,
   stopped at the end of the session.
 - The example workflows (workflows/*.json, workflows/api/*.json), their
   validation against a running server's /object_info (:func:`validate_ui`,
-  :func:`ui_widget_values`) and their adaptation to the small models
-  (:func:`adapt_api`, :func:`adapt_ui`).
+  :func:`ui_widget_values`), the API prompt the frontend makes of a UI file
+  (:func:`ui_to_api`) and their adaptation to the small models
+  (:func:`adapt_api`, :func:`adapt_ui`).  The loaders take a folder, so the
+  copies saved with 0.1.0 (tests/fixtures/workflows-0.1.0) are read the same way.
 """
 from __future__ import annotations
 
@@ -21,8 +24,10 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
-API_DIR = WORKFLOWS_DIR / "api"
 WORKFLOW_NAMES = ("klora_sdxl_subject_style", "klora_flux_s_star", "klora_sd15", "klora_img2img")
+#: Model-family workflows, run on tiny models of their own family (support/family_workflows.py).
+FAMILY_WORKFLOW_NAMES = ("klora_wan_t2v", "klora_qwen_image", "klora_z_image")
+ALL_WORKFLOW_NAMES = WORKFLOW_NAMES + FAMILY_WORKFLOW_NAMES
 
 #: Node types that exist only in the frontend (never in /object_info, never executed).
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
@@ -107,10 +112,11 @@ def live_server(request) -> Live:
     """The session's shared server (started on first call; stopped when the session ends)."""
     global _LIVE
     if _LIVE is None:
-        from support import detectable_models
+        from support import detectable_models, family_workflows
         from support.server_harness import ComfyServer
 
         server = ComfyServer()
+        family_workflows.link_test_nodes(server)
         server.__enter__()
         try:
             names = dict(detectable_models.write_all(server))
@@ -135,12 +141,12 @@ def live_server(request) -> Live:
 # --------------------------------------------------------------------------- workflows
 
 
-def load_ui(name: str) -> dict:
-    return json.loads((WORKFLOWS_DIR / f"{name}.json").read_text(encoding="utf-8"))
+def load_ui(name: str, folder: Path = WORKFLOWS_DIR) -> dict:
+    return json.loads((Path(folder) / f"{name}.json").read_text(encoding="utf-8"))
 
 
-def load_api(name: str) -> dict:
-    return json.loads((API_DIR / f"{name}.json").read_text(encoding="utf-8"))
+def load_api(name: str, folder: Path = WORKFLOWS_DIR) -> dict:
+    return json.loads((Path(folder) / "api" / f"{name}.json").read_text(encoding="utf-8"))
 
 
 def widget_specs(node_def: dict) -> list:
@@ -227,8 +233,39 @@ def ui_widget_values(node: dict, node_def: dict) -> dict:
     return {name: value for (name, kind, _), value in zip(specs, values) if kind not in ("CONTROL", "UPLOAD")}
 
 
-def validate_ui(workflow: dict, object_info: dict, names: dict) -> list:
-    """Every problem that would stop the 0.3.75 frontend/server from using this UI workflow."""
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    """The API prompt the frontend queues for a UI workflow under the server's current node definitions.
+
+    Widget values are assigned by position to the widgets the current
+    definition creates (as the frontend does when it loads a saved graph), and
+    every link becomes ``[origin node id, origin slot]``.  (No ``_meta``
+    titles: they are labels, compare with :func:`without_meta`.)
+    """
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in FRONTEND_ONLY:
+            continue
+        inputs = ui_widget_values(node, object_info[node["type"]])
+        for link_id, origin, o_slot, target, _t_slot, _type in workflow.get("links") or []:
+            if target == node["id"]:
+                input_name = next(i["name"] for i in node["inputs"] if i["link"] == link_id)
+                inputs[input_name] = [str(origin), o_slot]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def without_meta(prompt: dict) -> dict:
+    """An API prompt without the frontend's ``_meta`` labels: what the server executes."""
+    return {node_id: {k: v for k, v in entry.items() if k != "_meta"} for node_id, entry in prompt.items()}
+
+
+def validate_ui(workflow: dict, object_info: dict, names: dict, saved_earlier: bool = False) -> list:
+    """Every problem that would stop the 0.3.75 frontend/server from using this UI workflow.
+
+    ``saved_earlier``: the file was saved by an earlier version of the nodes, so
+    widgets added since then may have no value yet, provided they come last and
+    are optional with a default (the frontend gives them their default on load).
+    """
     problems = []
     if workflow.get("version") != 0.4:
         problems.append(f"version is {workflow.get('version')!r}, expected 0.4")
@@ -293,7 +330,10 @@ def validate_ui(workflow: dict, object_info: dict, names: dict) -> list:
             if is_socket and name not in linked and name not in widget_names:
                 problems.append(f"{where}: required input {name!r} is not connected")
         values = node.get("widgets_values") or []
-        if len(values) != len(specs):
+        optional = node_def["input"].get("optional", {})
+        added_later = saved_earlier and all(name in optional and "default" in opts
+                                            for name, _kind, opts in specs[len(values):])
+        if len(values) > len(specs) or (len(values) < len(specs) and not added_later):
             problems.append(f"{where}: {len(values)} widget values for {len(specs)} widgets "
                             f"{[s[0] for s in specs]}")
         for (name, kind, opts), value in zip(specs, values):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import re
 import time
 import urllib.error
 import urllib.parse
@@ -122,7 +121,14 @@ class ComfyClient:
         self.post_json("/interrupt", {})
 
     def post_prompt(self, graph: dict) -> str:
-        """Queue ``graph`` (API format); returns the prompt id; PromptRejected on validation failure."""
+        """Queue ``graph`` (API format); returns the prompt id; PromptRejected on validation failure.
+
+        ComfyUI queues a graph when at least one of its outputs is valid, and
+        only lists the invalid nodes in ``node_errors`` of its 200 answer (a
+        misspelt sampler then runs the selection map but never the image).
+        That is a rejection too: the prompt is taken off the queue and
+        PromptRejected raised.
+        """
         try:
             reply = self.post_json("/prompt", {"prompt": graph, "client_id": self.client_id}, timeout=60)
         except urllib.error.HTTPError as exc:
@@ -132,10 +138,30 @@ class ComfyClient:
                 payload = {}
             error = payload.get("error") or {}
             node_errors = payload.get("node_errors") or {}
-            raise PromptRejected(describe_rejection(error, node_errors, graph), node_errors, error) from None
+            raise PromptRejected(describe_rejection(error, node_errors, graph, self.allowed_values),
+                                 node_errors, error) from None
         except OSError as exc:
             raise ServerError(f"cannot reach ComfyUI at {self.url}: {exc}") from None
+        node_errors = reply.get("node_errors") or {}
+        if node_errors:
+            try:
+                self.post_json("/queue", {"delete": [reply["prompt_id"]]})
+            except (OSError, ValueError) as exc:
+                log.info("could not take the rejected prompt off the queue: %s", exc)
+            raise PromptRejected(describe_rejection({}, node_errors, graph, self.allowed_values), node_errors, {})
         return reply["prompt_id"]
+
+    def allowed_values(self, class_type: str, input_name: str) -> Optional[list]:
+        """The values a combo input of ``class_type`` accepts, from ``/object_info`` (None if unknown)."""
+        try:
+            info = self.object_info(class_type)[class_type]["input"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        for section in ("required", "optional"):
+            spec = (info.get(section) or {}).get(input_name)
+            if spec is not None:
+                return combo_choices(spec)
+        return None
 
     def history(self, prompt_id: str) -> Optional[dict]:
         return self.get_json(f"/history/{urllib.parse.quote(prompt_id)}").get(prompt_id)
@@ -192,19 +218,64 @@ class ComfyClient:
         return self.get_bytes(f"/view?{query}")
 
 
-def describe_rejection(error: dict, node_errors: dict, graph: Optional[dict] = None) -> str:
-    """One line from ComfyUI's ``/prompt`` validation failure."""
+#: How many allowed values a rejection message lists before "... (N in all)".
+MAX_CHOICES_SHOWN = 45
+
+
+def combo_choices(spec) -> Optional[list]:
+    """The allowed values of one ``/object_info`` input spec: ``[[...], {...}]`` (V1) or
+    ``["COMBO", {"options": [...]}]`` (newer ComfyUI); None for other input types."""
+    if not isinstance(spec, (list, tuple)) or not spec:
+        return None
+    if isinstance(spec[0], list):
+        return spec[0]
+    if spec[0] == "COMBO" and len(spec) > 1 and isinstance(spec[1], dict):
+        options = spec[1].get("options")
+        return options if isinstance(options, list) else None
+    return None
+
+
+def _shown_choices(choices: list) -> str:
+    shown = ", ".join(str(c) for c in choices[:MAX_CHOICES_SHOWN])
+    return shown + (f", ... ({len(choices)} in all)" if len(choices) > MAX_CHOICES_SHOWN else "")
+
+
+def _describe_node_error(class_type: str, node_id: str, err: dict, allowed) -> str:
+    """``KSampler (node 10) input sampler_name = 'eulr': Value not in list; allowed: euler, ...``."""
+    extra = err.get("extra_info") or {}
+    message = err.get("message") or err.get("type") or "invalid"
+    name = extra.get("input_name")
+    if not name:
+        details = err.get("details") or ""
+        return f"{class_type} (node {node_id}): {message}" + (f": {details}" if details else "")
+    text = f"{class_type} (node {node_id}) input {name}"
+    if "received_value" in extra:
+        text += f" = {extra['received_value']!r}"
+    text += f": {message}"
+    if err.get("type") == "custom_validation_failed" and err.get("details"):
+        # The node's own words (e.g. K-LoRA's validate_inputs); ComfyUI writes "<input> - <reason>".
+        text += f": {str(err['details']).split(' - ', 1)[-1]}"
+    if err.get("type") == "value_not_in_list":
+        config = extra.get("input_config")
+        choices = combo_choices(config) if config else None  # ComfyUI leaves out lists over 20 entries
+        if choices is None and allowed is not None:
+            choices = allowed(class_type, name)
+        if choices:
+            text += f"; allowed: {_shown_choices(choices)}"
+    return text
+
+
+def describe_rejection(error: dict, node_errors: dict, graph: Optional[dict] = None,
+                       allowed: Optional[Callable[[str, str], Optional[list]]] = None) -> str:
+    """One line from ComfyUI's ``/prompt`` validation failure: per error the node type and id, the input,
+    the value received and, for a value not in a list, the allowed values (``allowed(class_type, input)``
+    supplies them when ComfyUI left a long list out)."""
     parts = []
     for node_id, info in (node_errors or {}).items():
         class_type = info.get("class_type") or (graph or {}).get(node_id, {}).get("class_type", "?")
         for err in info.get("errors") or []:
-            details = err.get("details") or ""
-            # "lora_name: 'x' not in ['a', 'b', ...]": keep the value, shorten the list.
-            details = re.sub(r"not in \[(.{120}).*\]$", r"not in [\1 ...]", details)
-            parts.append(f"{class_type} (node {node_id}): {err.get('message', '')}"
-                         + (f": {details}" if details else ""))
-    head = error.get("message") or "ComfyUI rejected the workflow"
+            parts.append(_describe_node_error(class_type, node_id, err, allowed))
+    head = "ComfyUI rejected the workflow" if parts else (error.get("message") or "ComfyUI rejected the workflow")
     if error.get("details") and not parts:
         head += f": {error['details']}"
-    return one_line(head + ("; " + "; ".join(parts) if parts else ""), 700)
-
+    return one_line(head + (": " + "; ".join(parts) if parts else ""), 1500)

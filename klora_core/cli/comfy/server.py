@@ -43,7 +43,7 @@ from ...errors import KLoRAError
 __all__ = [
     "ComfyUIServer", "ServerError", "PromptRejected", "ExecutionFailed", "EventStream", "describe_rejection",
     "DEFAULT_PROMPT_TIMEOUT", "DEFAULT_READY_TIMEOUT", "MODEL_FOLDERS", "PACK_ROOT", "env_dir",
-    "find_comfy_root", "free_port", "link_or_copy", "server_uses_cpu",
+    "cached_comfy_dir", "find_comfy_root", "free_port", "link_or_copy", "server_uses_cpu",
 ]
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,9 @@ MODEL_FOLDERS = ("checkpoints", "diffusion_models", "text_encoders", "vae", "lor
 
 #: Seconds ComfyUI may take to answer after it was started.
 DEFAULT_READY_TIMEOUT = 180.0
+#: ComfyUI version of the default cached environment of scripts/setup_comfyui_env.sh (its
+#: ``--comfyui`` default); ``KLORA_COMFYUI_VERSION`` picks another cached version.
+DEFAULT_CACHED_COMFYUI = "0.3.75"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -65,16 +68,31 @@ def env_dir() -> Path:
     return Path(os.environ.get("KLORA_ENV_DIR") or Path.home() / ".cache" / "klora-comfyui").expanduser()
 
 
+def cached_comfy_version() -> str:
+    """Which cached ComfyUI of scripts/setup_comfyui_env.sh is meant: ``$KLORA_COMFYUI_VERSION``, else 0.3.75."""
+    return os.environ.get("KLORA_COMFYUI_VERSION") or DEFAULT_CACHED_COMFYUI
+
+
+def cached_comfy_dir(version: Optional[str] = None) -> Path:
+    """Folder of the cached ComfyUI ``version`` (default :func:`cached_comfy_version`): the default
+    version lives in :func:`env_dir` itself, any other in ``env_dir()/comfyui-<version>`` (each with
+    its own ``venv/`` and the ``comfyui_path`` marker)."""
+    version = version or cached_comfy_version()
+    return env_dir() if version == DEFAULT_CACHED_COMFYUI else env_dir() / f"comfyui-{version}"
+
+
 def find_comfy_root(explicit: Optional[str] = None) -> Path:
-    """``explicit``, else ``$COMFYUI_PATH``, else the cached ComfyUI of scripts/setup_comfyui_env.sh."""
+    """``explicit``, else ``$COMFYUI_PATH``, else the cached ComfyUI of scripts/setup_comfyui_env.sh
+    (the version ``$KLORA_COMFYUI_VERSION`` names, default 0.3.75)."""
     if explicit:
         root, source = Path(explicit).expanduser(), f"--comfyui {explicit}"
     elif os.environ.get("COMFYUI_PATH"):
         root, source = Path(os.environ["COMFYUI_PATH"]).expanduser(), "COMFYUI_PATH"
     else:
-        marker = env_dir() / "comfyui_path"
+        marker = cached_comfy_dir() / "comfyui_path"
         if not marker.is_file():
-            raise KLoRAError(f"no ComfyUI found: {marker} does not exist; run scripts/setup_comfyui_env.sh "
+            raise KLoRAError(f"no ComfyUI {cached_comfy_version()} found: {marker} does not exist; run "
+                             f"scripts/setup_comfyui_env.sh --comfyui {cached_comfy_version()} "
                              "or pass --comfyui PATH")
         root, source = Path(marker.read_text().strip()).expanduser(), str(marker)
     if not (root / "main.py").is_file() or not (root / "comfy").is_dir():
