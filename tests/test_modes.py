@@ -466,7 +466,8 @@ def test_node_offers_the_mode_input(klora_pack, tmp_path, sd15_model):
     from klora_pack.nodes.fuse_node import KLoRAFuse
 
     spec = KLoRAFuse.INPUT_TYPES()["optional"]["mode"]
-    assert spec[0] == ["auto", "bake", "bypass", "live"] and spec[1]["default"] == "auto"
+    assert spec[0] == "COMBO" and spec[1]["options"] == ["auto", "bake", "bypass", "live"]
+    assert spec[1]["default"] == "auto"
     assert spec[1].get("advanced") is True
     assert "mode" not in KLoRAFuse.INPUT_TYPES()["required"]
     hs, ht, *_ = _handles(klora_pack, tmp_path, sd15_model)
