@@ -349,10 +349,11 @@ def test_weights_batching_cannot_reproduce_go_one_by_one(klora_pack, tmp_path):
 def test_flip_cache_input(klora_pack, tmp_path):
     from klora_pack.klora_core.errors import KLoRAError
     from klora_pack.nodes.fuse import fuse_model
-    from klora_pack.nodes.node_defs import KLoRAFuse
+    from klora_pack.nodes.fuse_node import KLoRAFuse
 
     kind, spec = KLoRAFuse.INPUT_TYPES()["optional"]["flip_cache"]
-    assert list(kind) == ["auto", "off", "on"] and spec["default"] == "auto" and spec["tooltip"]
+    assert kind == "COMBO" and spec["options"] == ["auto", "off", "on"] and spec["default"] == "auto"
+    assert spec["tooltip"] and spec.get("advanced") is True
     model = tiny_models.build_model("sd15", seed=0)
     hs, ht, _, _ = _handles(klora_pack, tmp_path, model)
     with pytest.raises(KLoRAError, match="flip_cache"):
