@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import math
 
+from .. import options
 from ..errors import KLoRAError
+from ..options import ALPHA, BETA, PATTERNS
 
 
 class UsageError(KLoRAError):
@@ -70,3 +72,15 @@ def float_list(text: str) -> list:
     if not values or not all(math.isfinite(v) for v in values):
         raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers, got {text!r}")
     return values
+
+
+def add_schedule_arguments(group) -> None:
+    """``--pattern``, ``--alpha``, ``--beta``: the style-factor schedule, the same for ``map``, ``inspect`` and ``run``."""
+    group.add_argument("--pattern", choices=list(PATTERNS), default=options.PATTERN_S,
+                       help="style-factor schedule: s = alpha*p + beta (paper's main results), "
+                            "s* = (alpha*p + beta) mod alpha (supplement; suits FLUX) (default s)")
+    group.add_argument("--alpha", type=option_value(ALPHA, "--alpha"), default=ALPHA.default,
+                       help=f"schedule slope, {ALPHA.lo:g}-{ALPHA.hi:g} (default {ALPHA.default:g})")
+    group.add_argument("--beta", type=option_value(BETA, "--beta"), default=None,
+                       help=f"schedule offset, 0-{BETA.hi:g}; higher gives the style more steps "
+                            "(default: the pattern's paper value, 0.5 for s, 1.275 for s*; so does -1)")

@@ -28,8 +28,8 @@ import sys
 
 from .. import options
 from ..errors import KLoRAError
-from ..options import ALPHA, BETA, CLI_SCOPES, PATTERNS, STEPS, STRENGTH
-from .arg_types import UsageError, option_value
+from ..options import CLI_SCOPES, STEPS, STRENGTH
+from .arg_types import UsageError, add_schedule_arguments, option_value
 from .packages import missing_message, missing_packages, package_of
 
 log = logging.getLogger(__name__)
@@ -155,14 +155,7 @@ def _add_pair_arguments(m: argparse.ArgumentParser) -> None:
     m.add_argument("--steps", type=option_value(STEPS, "--steps"), default=STEPS.default,
                    help=f"sampling steps (columns), {STEPS.lo}-{STEPS.hi}; step i has progress i/steps "
                         f"(default {STEPS.default})")
-    m.add_argument("--pattern", choices=list(PATTERNS), default=options.PATTERN_S,
-                   help="style-factor schedule: s = alpha*p + beta (paper's main results), "
-                        "s* = (alpha*p + beta) mod alpha (supplement; suits FLUX) (default s)")
-    m.add_argument("--alpha", type=option_value(ALPHA, "--alpha"), default=ALPHA.default,
-                   help=f"schedule slope, {ALPHA.lo:g}-{ALPHA.hi:g} (default {ALPHA.default:g})")
-    m.add_argument("--beta", type=option_value(BETA, "--beta"), default=None,
-                   help=f"schedule offset, 0-{BETA.hi:g}; higher gives the style more steps "
-                        "(default: the pattern's paper value, 0.5 for s, 1.275 for s*; so does -1)")
+    add_schedule_arguments(m)
     m.add_argument("--subject-strength", type=option_value(STRENGTH, "--subject-strength"),
                    default=STRENGTH.default, metavar="X",
                    help="subject LoRA strength (scales its delta; the choice itself is invariant to it) (default 1)")

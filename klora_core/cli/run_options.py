@@ -9,8 +9,8 @@ import argparse
 
 from .. import options
 from ..errors import KLoRAError
-from ..options import ALPHA, BETA, CLI_MEASURES, CLI_SCOPES, OUTSIDE_CHOICES, PATTERNS, STEPS, STRENGTH
-from .arg_types import UsageError, finite_number, float_list, int_in_range, option_value
+from ..options import ALPHA, BETA, CLI_MEASURES, CLI_SCOPES, OUTSIDE_CHOICES, STEPS, STRENGTH
+from .arg_types import UsageError, add_schedule_arguments, finite_number, float_list, int_in_range, option_value
 from .comfy.client import DEFAULT_PROMPT_TIMEOUT
 
 RUN_EPILOG = """\
@@ -97,14 +97,7 @@ def build_run_parser(subparsers) -> argparse.ArgumentParser:
     sampling.add_argument("--height", type=int_in_range(64, 8192, "--height"), default=None,
                           help="image height, multiple of 8 (same default)")
     klora = r.add_argument_group("K-LoRA")
-    klora.add_argument("--pattern", choices=list(PATTERNS), default=options.PATTERN_S,
-                       help="style-factor schedule: s = alpha*p + beta (paper), s* = (alpha*p + beta) mod alpha "
-                            "(supplement; FLUX) (default s)")
-    klora.add_argument("--alpha", type=option_value(ALPHA, "--alpha"), default=ALPHA.default,
-                       help=f"schedule slope, {ALPHA.lo:g}-{ALPHA.hi:g} (default {ALPHA.default:g})")
-    klora.add_argument("--beta", type=option_value(BETA, "--beta"), default=None,
-                       help=f"schedule offset, 0-{BETA.hi:g}; higher gives the style more steps (default: the "
-                            "pattern's paper value, 0.5 for s, 1.275 for s*; so does -1)")
+    add_schedule_arguments(klora)
     klora.add_argument("--scope", choices=sorted(CLI_SCOPES), default="attention",
                        help="weights K-LoRA switches: attention projections (paper) or all shared weights "
                             "(default attention)")
