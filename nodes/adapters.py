@@ -18,7 +18,7 @@ import comfy.lora
 from comfy.weight_adapter.lora import LoRAAdapter
 
 from ..klora_core.weight_keys import weight_name
-from .patching import original_weight
+from .patcher_backup import original_weight
 from .quantized import dequantized, is_gguf_quantized
 from .units import is_parts, parts_patch_list, unit_offset
 

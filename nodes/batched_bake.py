@@ -33,6 +33,7 @@ import comfy.utils
 from comfy.weight_adapter.lora import LoRAAdapter
 
 from . import adapters  # module import: adapters -> patching -> rebake -> here is a cycle
+from .patcher_backup import original_of
 from .switch import KLoRASwitch
 from .units import is_parts
 
@@ -124,11 +125,10 @@ def _switch_ops(entry) -> Optional[list]:
 
 def plan_job(patcher, name: str) -> Optional[WeightJob]:
     """The batched form of re-baking ``name`` now, or None where ComfyUI's per-weight path must do it."""
-    backup = patcher.backup.get(name)
-    if backup is None or not uses_comfy_patching(patcher) or name in getattr(patcher, "hook_backup", {}):
+    original = original_of(patcher, name)
+    if original is None or not uses_comfy_patching(patcher) or name in getattr(patcher, "hook_backup", {}):
         return None
     weight, set_func, convert_func = comfy.model_patcher.get_key_weight(patcher.model, name)
-    original = backup.weight
     if (set_func is not None or convert_func is not None or type(weight) not in (torch.Tensor, torch.nn.Parameter)
             or type(original) not in (torch.Tensor, torch.nn.Parameter) or weight.dtype not in _SUPPORTED
             or original.dtype != weight.dtype or original.shape != weight.shape):

@@ -65,14 +65,6 @@ OUTER_SAMPLE_KEY = "klora.fuse.outer_sample"
 APPLY_MODEL_KEY = "klora.fuse.apply_model"
 
 
-def original_weight(model_patcher, name: str):
-    """``(weight, convert_func)``: the unpatched weight ``name`` (from ``ModelPatcher.backup`` when ComfyUI
-    has patched it in place) and the model's convert function for it (or None)."""
-    weight, _, convert_func = comfy.model_patcher.get_key_weight(model_patcher.model, name)
-    backup = model_patcher.backup.get(name)
-    return (backup.weight if backup is not None else weight), convert_func
-
-
 class FuseRun:
     """Per-fused-model state: the tracker, the progress meter of the current pass, counters.
 

@@ -27,12 +27,11 @@ import time
 
 import torch
 
-import comfy.model_patcher
-import comfy.utils
 
 from ..klora_core.options import FLIP_CACHE_AUTO, FLIP_CACHE_OFF, FLIP_CACHE_ON, FLIP_CACHES
 from ..klora_core.weight_keys import weight_name
 from .batched_bake import bake_jobs, plan_job
+from .patcher_backup import baked_names, put_original_back, put_weight
 from .kept_variants import VariantStore, current_weight, reserve_bytes, should_keep, tensor_bytes
 from .switch import KLoRASwitch
 
@@ -62,12 +61,8 @@ def previous_state(patcher, name: str, tracker, toggled: set) -> tuple:
 
 def rebake_one(patcher, name: str) -> None:
     """ComfyUI's own path: put the original back, then ``patch_weight_to_device`` re-applies all patches."""
-    backup = patcher.backup[name]
     device = current_weight(patcher, name).device
-    if backup.inplace_update:
-        comfy.utils.copy_to_param(patcher.model, name, backup.weight)
-    else:
-        comfy.utils.set_attr_param(patcher.model, name, backup.weight)
+    put_original_back(patcher, name)
     patcher.patch_weight_to_device(name, device_to=device)
 
 
@@ -137,7 +132,7 @@ class Rebaker:
     def rebake(self, patcher, unit_keys) -> int:
         """Make the model hold the current choice for the weights behind ``unit_keys``; return how many."""
         t0 = time.perf_counter()
-        names = [n for n in dict.fromkeys(weight_name(k) for k in unit_keys) if n in patcher.backup]
+        names = baked_names(patcher, (weight_name(k) for k in unit_keys))
         if not names:
             return 0  # offloaded (ComfyUI's LowVramPatch reads the switch live) or not loaded
         toggled = set(unit_keys)
@@ -175,10 +170,8 @@ class Rebaker:
         if jobs:
             bake_jobs(jobs, targets, self._workspace_for, self.chunk_bytes)
             for job, target, new in zip(jobs, targets, fresh):
-                if new and patcher.backup[job.name].inplace_update:
-                    comfy.utils.copy_to_param(patcher.model, job.name, target)  # keep ComfyUI's Parameter object
-                elif new:
-                    comfy.utils.set_attr_param(patcher.model, job.name, target)
+                if new:
+                    put_weight(patcher, job.name, target)  # in place: keeps ComfyUI's Parameter object
             self.stats.batched += len(jobs)
         for name, _ in fallback:
             rebake_one(patcher, name)
@@ -213,7 +206,7 @@ class Rebaker:
             return False, "this model updates its weights in place, so there is no second tensor to swap in"
         if self.flip_cache == FLIP_CACHE_ON:
             return True, "flip_cache on"
-        names = [n for n in dict.fromkeys(weight_name(k) for k in self.tracker.keys) if n in patcher.backup]
+        names = baked_names(patcher, (weight_name(k) for k in self.tracker.keys))
         if not names:
             return False, "no switched weight is baked on a device"
         weights = [current_weight(patcher, n) for n in names]

@@ -4,7 +4,7 @@
 Read from the source (no import): in ``nodes/``, no attribute starting with
 an underscore is read from any object but the module's own ``self``/``cls``
 (torch's own names aside: this is about ComfyUI);
-``ModelPatcher.backup`` is read only in ``nodes/patching.py``; the fields of
+``ModelPatcher.backup`` is read only in ``nodes/patcher_backup.py``; the fields of
 ComfyUI's weight adapters (``.weights``) only in ``nodes/adapters.py`` (and
 in ``nodes/switch.py`` and ``nodes/fuse_report.py`` on their own classes).
 ``klora_core`` imports no ComfyUI module at all.
@@ -17,7 +17,7 @@ from support.repo_files import REPO_ROOT
 
 #: attribute -> the modules allowed to read it
 OWNERS = {
-    "backup": {"patching.py"},
+    "backup": {"patcher_backup.py"},
     "weights": {"adapters.py", "switch.py", "fuse_report.py"},
 }
 COMFY_MODULES = ("comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "nodes", "server",
