@@ -8,7 +8,8 @@ Parts (each a separate worker process, single-threaded torch):
   (b) bench/score_sdxl.py  scoring an SDXL-sized pair: per-layer vs batched (no ComfyUI)
   (a) bench/sampling.py    sampling time: K-LoRA Fuse vs direct merge vs peer stand-in,
   (d)                      and K-LoRA's re-bake work per step
-  (e) bench/quantized.py   K-LoRA vs two LoraLoaders on an fp8 and a GGUF Q8_0 model (alone: --only quantized)
+  (e) bench/quantized.py   K-LoRA vs two LoraLoaders on an fp8 and a GGUF Q8_0 model (GGUF: auto = bypass and
+                           mode live side by side; alone: --only quantized)
   (c) bench/memory.py      peak RSS, one process per method
 
 Results: ``<out-dir>/<date>-cpu.json`` and ``<out-dir>/<date>-cpu.md``
@@ -192,14 +193,16 @@ def quantized_rows(q) -> list:
             lines.append(f"| (e) quantized | {name} | {r} | – | – | – |")
             continue
         med, mc, st = r["median"], r["median_cpu"], r["median_step_1_to_end"]
-        lines.append(f"| (e) quantized | {name}, rank {q['rank']}: s per image, K-LoRA Fuse vs two LoraLoaders "
-                     f"(wall / CPU) | {fmt(med['klora'])} / {fmt(mc['klora'])} | {fmt(med['merge'])} / "
-                     f"{fmt(mc['merge'])} | {r['ratio_klora_merge']:.3f} / {r['ratio_klora_merge_cpu']:.3f} | – |")
-        lines.append(f"| (e) quantized | {name}: s per step (steps 1..N-1), K-LoRA vs merge (wall) | "
-                     f"{fmt(st['klora'])} | {fmt(st['merge'])} | {r['ratio_step_klora_merge']:.3f} | – |")
-        lines.append(f"| (e) quantized | {name}: how K-LoRA switched ({r['mode']}); weights re-baked per image | "
-                     f"{r['rebaked_per_image'][-1]} re-baked, {r['host_live_weights']} live | "
-                     f"{r['switched_weights']} switched weights | – | – |")
+        for m in (m for m in med if m != "merge"):  # "klora" (the automatic mode), then forced modes
+            what, tag = ("K-LoRA Fuse", "") if m == "klora" else (f"K-LoRA Fuse mode {m.split('_', 1)[1]}", "_" + m)
+            lines.append(f"| (e) quantized | {name}, rank {q['rank']}: s per image, {what} vs two LoraLoaders "
+                         f"(wall / CPU) | {fmt(med[m])} / {fmt(mc[m])} | {fmt(med['merge'])} / "
+                         f"{fmt(mc['merge'])} | {r[f'ratio_{m}_merge']:.3f} / {r[f'ratio_{m}_merge_cpu']:.3f} | – |")
+            lines.append(f"| (e) quantized | {name}: s per step (steps 1..N-1), {what} vs merge (wall) | "
+                         f"{fmt(st[m])} | {fmt(st['merge'])} | {r[f'ratio_step_{m}_merge']:.3f} | – |")
+            lines.append(f"| (e) quantized | {name}: how {what} switched ({r['mode' + tag]}); weights re-baked per "
+                         f"image | {r['rebaked_per_image' + tag][-1]} re-baked, {r['host_live_weights' + tag]} live | "
+                         f"{r['switched_weights']} switched weights | – | – |")
     return lines
 
 
@@ -243,7 +246,8 @@ def main() -> int:
     out_dir = Path(args.out_dir)
     quick = ["--quick"] if args.quick else []
     t_start = time.perf_counter()
-    res = {"date": date, "quick": args.quick, "command": "bash bench/run.sh" + (" --quick" if args.quick else ""),
+    res = {"date": date, "quick": args.quick, "command": "bash bench/run.sh" + (" --quick" if args.quick else "")
+           + (f" --only {args.only}" if args.only else ""),
            "machine": common.machine(), "goals": {"sampling_ratio": GOAL_TIME, "peak_rss_ratio": GOAL_RSS}}
     res["machine"]["torch_threads"] = 1
     res["machine"]["gpu"] = res["machine"].get("gpu") or "none"

@@ -14,11 +14,14 @@ loaded by the loaders users use:
 - ``Q8_0``: a GGUF file (2-D weights Q8_0, the rest F16, tests/support/
   quantized_files.py) through ComfyUI-GGUF's UnetLoaderGGUF (the real pack,
   unpacked from the shared source tarball; skipped with the reason when it or
-  the ``gguf`` package is missing).  ComfyUI-GGUF dequantizes and patches every
-  weight at every forward, for the merge and for K-LoRA alike: K-LoRA runs live
-  there and re-bakes nothing.
+  the ``gguf`` package is missing).  ComfyUI-GGUF dequantizes every weight at
+  every forward and adds its patch list as dense deltas.  K-LoRA runs twice
+  there: ``klora`` in the automatic mode (bypass on GGUF: the weights keep an
+  empty patch list and the chosen LoRA's low-rank term is added at forward) and
+  ``klora_live`` in mode live (the switches in the patch list, patched as dense
+  deltas by ComfyUI-GGUF at every forward: what the automatic mode did before).
 
-Per format, K-LoRA and the merge of the same two LoRA files run in alternating
+Per format, the K-LoRA runs and the merge of the same two LoRA files run in alternating
 rounds (one full ``comfy.sample.sample`` each, inside ``torch.inference_mode``
 as ComfyUI's executor runs nodes); medians over the rounds.  Nothing here
 assumes the CPU: the devices are ComfyUI's (the benchmark's start-up pins the
@@ -37,6 +40,8 @@ import sampling  # noqa: E402  (timed_sample)
 
 FORMATS = ("fp8_e4m3fn", "Q8_0")
 METHODS = ("klora", "merge")
+#: Further K-LoRA runs per format: {method: mode input}.  ``klora`` itself runs the automatic mode.
+EXTRA_MODES = {"Q8_0": {"klora_live": "live"}}
 
 
 def write_files(s: dict, folder: Path, quick: bool) -> tuple:
@@ -91,42 +96,45 @@ def bench_format(fmt: str, name: str, loras, s: dict, conds, fuse_mod, files_mod
     base = load(fmt, name)
     subject = files_mod.make_handle("subject", loras[0].name, str(loras[0]), 1.0)
     style = files_mod.make_handle("style", loras[1].name, str(loras[1]), 1.0)
+    modes = {"klora": "auto", **EXTRA_MODES.get(fmt, {})}
     t0 = time.perf_counter()
-    fused = fuse_mod.fuse_model(base, subject, style)
-    fuse_s = time.perf_counter() - t0
+    fused = {m: fuse_mod.fuse_model(base, subject, style, mode=mode) for m, mode in modes.items()}
+    fuse_s = (time.perf_counter() - t0) / len(fused)
     merged, _ = comfy.sd.load_lora_for_models(base, None, subject.state_dict, 1.0, 0)
     merged, _ = comfy.sd.load_lora_for_models(merged, None, style.state_dict, 1.0, 0)
-    patchers = {"klora": fused.model, "merge": merged}
-    run = fused.run
-    times, cpu_times, step_times = ({m: [] for m in METHODS} for _ in range(3))
-    rebaked = []
+    patchers = {**{m: f.model for m, f in fused.items()}, "merge": merged}
+    methods = tuple(patchers)
+    times, cpu_times, step_times = ({m: [] for m in methods} for _ in range(3))
+    rebaked = {m: [] for m in fused}
     with torch.inference_mode():
-        for method in METHODS:  # warm-up: first-call overheads
+        for method in methods:  # warm-up: first-call overheads
             common.sample(patchers[method], dict(s, steps=1), conds)
         for rnd in range(s["repeats"]):
-            for method in (METHODS if rnd % 2 == 0 else METHODS[::-1]):
-                before = run.rebaked
+            for method in (methods if rnd % 2 == 0 else methods[::-1]):
+                before = fused[method].run.rebaked if method in fused else 0
                 out, wall, cpu, steps, _ = sampling.timed_sample(patchers[method], s, conds)
                 assert torch.isfinite(out).all(), f"{fmt} {method}: non-finite latents"
                 times[method].append(wall)
                 cpu_times[method].append(cpu)
                 step_times[method].append(steps)
-                if method == "klora":
-                    rebaked.append(run.rebaked - before)
+                if method in fused:
+                    rebaked[method].append(fused[method].run.rebaked - before)
                 common.log(f"{fmt} round {rnd + 1}/{s['repeats']} {method}: {wall:.2f} s ({cpu:.2f} s CPU)")
-    med = {m: common.median(times[m]) for m in METHODS}
-    med_cpu = {m: common.median(cpu_times[m]) for m in METHODS}
-    steady = {m: common.median([t for run_steps in step_times[m] for t in run_steps[1:]]) for m in METHODS}
-    mode = next((line for line in fused.report.splitlines() if line.startswith("mode ")), "")
-    return {
-        "file": name, "switched_weights": len(fused.plan.keys), "fuse_seconds": fuse_s, "mode": mode,
-        "host_live_weights": len(run.host_live), "rebaked_per_image": rebaked,
-        "times": times, "cpu_times": cpu_times, "median": med, "median_cpu": med_cpu,
-        "median_step_1_to_end": steady,
-        "ratio_klora_merge": med["klora"] / med["merge"],
-        "ratio_klora_merge_cpu": med_cpu["klora"] / med_cpu["merge"],
-        "ratio_step_klora_merge": steady["klora"] / steady["merge"],
-    }
+    med = {m: common.median(times[m]) for m in methods}
+    med_cpu = {m: common.median(cpu_times[m]) for m in methods}
+    steady = {m: common.median([t for run_steps in step_times[m] for t in run_steps[1:]]) for m in methods}
+    result = {"file": name, "switched_weights": len(fused["klora"].plan.keys), "fuse_seconds": fuse_s,
+              "times": times, "cpu_times": cpu_times, "median": med, "median_cpu": med_cpu,
+              "median_step_1_to_end": steady}
+    for m, f in fused.items():  # "mode" / "ratio_klora_merge" ...: the automatic mode; "<key>_klora_live" ...
+        tag = "" if m == "klora" else "_" + m
+        result["mode" + tag] = next((line for line in f.report.splitlines() if line.startswith("mode ")), "")
+        result["host_live_weights" + tag] = len(f.run.host_live)
+        result["rebaked_per_image" + tag] = rebaked[m]
+        result[f"ratio_{m}_merge"] = med[m] / med["merge"]
+        result[f"ratio_{m}_merge_cpu"] = med_cpu[m] / med_cpu["merge"]
+        result[f"ratio_step_{m}_merge"] = steady[m] / steady["merge"]
+    return result
 
 
 def main() -> int:

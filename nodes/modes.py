@@ -3,14 +3,19 @@
 
 ``auto`` (the default):
 
-1. the patcher is not dynamic (ComfyUI's classic patcher, every ComfyUI before
-   dynamic VRAM): **bake**, re-baking weights when a choice flips;
-2. dynamic VRAM and every switched weight has a low-rank form on both sides:
+1. some switched weight is GGUF-quantized (ComfyUI-GGUF dequantizes it and
+   adds its patches as dense deltas at every forward) and every switched
+   weight has a low-rank form on both sides: **bypass**, the low-rank term
+   added at forward time instead of a dense delta;
+2. the patcher is not dynamic (ComfyUI's classic patcher, every ComfyUI before
+   dynamic VRAM): **bake**, re-baking weights when a choice flips (GGUF
+   weights without a low-rank form: patched live by ComfyUI-GGUF);
+3. dynamic VRAM and every switched weight has a low-rank form on both sides:
    **bypass** (:mod:`.bypass`), weights untouched, nothing reloaded;
-3. dynamic VRAM and some weight has none (LoHa, LoKr, DoRA, dense diffs):
+4. dynamic VRAM and some weight has none (LoHa, LoKr, DoRA, dense diffs):
    **bake** on ComfyUI's non-dynamic delegate, asked for once per source model
    and remembered on it (:func:`non_dynamic_delegate`);
-4. no delegate either: **live** (weight wrappers, delta added at every forward).
+5. no delegate either: **live** (weight wrappers, delta added at every forward).
 
 A forced mode (``bake`` / ``bypass`` / ``live``) that cannot run raises a
 KLoRAError naming why, before anything is patched.  Feature-detected
@@ -25,7 +30,9 @@ from typing import Optional
 
 from ..klora_core.errors import KLoRAError
 from ..klora_core.options import MODE_AUTO, MODE_BAKE, MODE_BYPASS, MODE_LIVE
+from ..klora_core.weight_keys import weight_name
 from .bypass import bypass_supported, forward_forms
+from .quantized import host_patches_live
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +46,8 @@ DELEGATE_ATTR = "_klora_non_dynamic_delegate"
 WHY_CLASSIC = "auto: ComfyUI's classic patcher, nothing to do on steps without a flip"
 WHY_DYNAMIC_BYPASS = "auto: dynamic VRAM; no reload, no second copy of the model"
 WHY_FORCED = "chosen by the mode input"
+WHY_GGUF_BYPASS = ("auto: GGUF weights; bypass adds the low-rank term at forward instead of ComfyUI-GGUF "
+                   "dequantizing and adding a dense delta at every forward")
 
 
 @dataclass
@@ -101,6 +110,11 @@ def _bypass_forms(source, units, subject_patches, style_patches, subject, style)
     return forward_forms(source.model, units, subject_patches, style_patches, subject, style)
 
 
+def any_host_live(source, units) -> bool:
+    """True when the host patches some switched weight at every forward (a GGUF-quantized weight)."""
+    return any(host_patches_live(source, weight_name(unit)) for unit in units)
+
+
 def _forced(source, requested, dynamic, units, subject_patches, style_patches, subject, style) -> ModeChoice:
     if requested == MODE_LIVE:
         return ModeChoice(source.clone(), MODE_LIVE, WHY_FORCED)
@@ -129,9 +143,15 @@ def choose_mode(source, requested, units, subject_patches: dict, style_patches: 
     dynamic = is_dynamic(source)
     if requested != MODE_AUTO:
         return _forced(source, requested, dynamic, units, subject_patches, style_patches, subject, style)
+    gguf = any_host_live(source, units)
+    forms = blocker = None
+    if gguf or dynamic:
+        forms, blocker = _bypass_forms(source, units, subject_patches, style_patches, subject, style)
+    if gguf and forms is not None:
+        return ModeChoice(source.clone(), MODE_BYPASS, WHY_GGUF_BYPASS, forms)
     if not dynamic:
-        return ModeChoice(source.clone(), MODE_BAKE, WHY_CLASSIC)
-    forms, blocker = _bypass_forms(source, units, subject_patches, style_patches, subject, style)
+        reason = f"auto: GGUF weights, but {blocker} (no low-rank forward form)" if gguf else WHY_CLASSIC
+        return ModeChoice(source.clone(), MODE_BAKE, reason)
     if forms is not None:
         return ModeChoice(source.clone(), MODE_BYPASS, WHY_DYNAMIC_BYPASS, forms)
     delegate, why = non_dynamic_delegate(source)

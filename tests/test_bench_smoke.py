@@ -66,11 +66,16 @@ def test_bench_quick_writes_table_and_json(tmp_path):
     assert data["memory"]["klora"]["peak_rss_mib"] > 0 and data["memory"]["merge"]["peak_rss_mib"] > 0
     fp8 = data["quantized"]["formats"]["fp8_e4m3fn"]  # (e): baked, re-baked at flips
     assert fp8["median"]["klora"] > 0 and fp8["median"]["merge"] > 0 and fp8["rebaked_per_image"][-1] > 0
-    gguf = data["quantized"]["formats"]["Q8_0"]  # live through the real ComfyUI-GGUF (a string: skipped, why)
+    gguf = data["quantized"]["formats"]["Q8_0"]  # through the real ComfyUI-GGUF (a string: skipped, why)
     if isinstance(gguf, str):
         gguf_pack.require()  # skips (or fails under CI) with the reason when ComfyUI-GGUF is unavailable here
         pytest.fail(f"the benchmark skipped GGUF although the tests can run it: {gguf}")
-    assert gguf["rebaked_per_image"] == [0] * len(gguf["rebaked_per_image"]) and gguf["host_live_weights"] > 0
+    assert set(gguf["median"]) == {"klora", "klora_live", "merge"}
+    # auto = bypass (nothing re-baked, nothing patched by ComfyUI-GGUF); mode live: every switch patched by it
+    assert gguf["mode"].startswith("mode bypass") and gguf["host_live_weights"] == 0
+    assert gguf["host_live_weights_klora_live"] == gguf["switched_weights"] > 0
+    for key in ("rebaked_per_image", "rebaked_per_image_klora_live"):
+        assert gguf[key] == [0] * len(gguf[key]), key
     assert "| (e) quantized | GGUF Q8_0" in proc.stdout
     # generous bound: the target is < 60 s, but other jobs share this machine's two cores
     assert elapsed < 240, f"quick benchmark took {elapsed:.0f} s"

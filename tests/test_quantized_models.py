@@ -12,11 +12,15 @@ The model is the SD1.5-detectable demo UNet (klora_core/cli/demo_models.py, 18.7
 the stock loaders detect the model family from the file.  Each format is checked against independent
 references:
 
-(a) forced subject (alpha = beta = 0: every switch chooses the subject) equals ComfyUI's
+(a) forced subject (alpha = beta = 0: every switch chooses the subject) in mode bake (the patch-list path
+    LoraLoaderModelOnly takes; on GGUF, ComfyUI-GGUF patches it live) equals ComfyUI's
     LoraLoaderModelOnly(subject) on the same file, bit for bit;
 (b) the default schedule equals a brute-force per-step reference (tests/support/quantized_reference.py:
     the unpatched weight, dequantized, plus the chosen delta at every model call, rounded by the host's own
-    rounding function where the host stores the result in fp8 / fp16); the choice flips during the run;
+    rounding function where the host stores the result in fp8 / fp16); the choice flips during the run.
+    The automatic mode: bypass on GGUF (the low-rank term at forward, nothing patched by ComfyUI-GGUF, so
+    nothing rounded), bake on fp8 / fp16 / bf16; GGUF with a LoHa keeps ComfyUI-GGUF's live patching
+    (against the same brute force, the LoHa delta written plainly), and so does a forced bake;
 (c) the base model samples bit-identically before and after every K-LoRA run.
 
 Without the ComfyUI-GGUF tarball or the ``gguf`` package the GGUF tests fail under CI=true and skip (with
@@ -148,6 +152,12 @@ def sample(model):
     return tiny_models.sample_once(model, "sd15", steps=STEPS, cfg=2.0, seed=3)
 
 
+#: The report's mode line when auto picks bypass on a GGUF model.
+GGUF_BYPASS_LINE = ("mode bypass: weights untouched, the chosen LoRA is added at forward time (auto: GGUF weights; "
+                    "bypass adds the low-rank term at forward instead of ComfyUI-GGUF dequantizing and adding a "
+                    "dense delta at every forward)")
+GGUF_LIVE_LINE = "mode live: GGUF weights are patched at every forward by ComfyUI-GGUF, reading the current choice"
+
 ALL_FORMATS = [pytest.param(f, id=f) for f in GGUF_FORMATS + FP8_FORMATS + tuple(HALF_DTYPES)]
 
 
@@ -159,7 +169,7 @@ def test_forced_subject_equals_lora_loader(klora_pack, files, fmt):
     model = load(files, fmt)
     before = sample(model)
     subject, style = handles(files)
-    result = fuse_model(model, subject, style, alpha=0.0, beta=0.0)
+    result = fuse_model(model, subject, style, alpha=0.0, beta=0.0, mode="bake")  # auto on GGUF: bypass (below)
     ours = sample(result.model)
     plain = nodes.LoraLoaderModelOnly().load_lora_model_only(model, "subject.safetensors", 1.0)[0]
     assert torch.equal(ours, sample(plain))
@@ -179,6 +189,8 @@ def test_default_run_equals_host_rounded_brute_force(klora_pack, files, fmt):
     ours = sample(result.model)
 
     ref_model, storage = reference_base(files, fmt)
+    if fmt in GGUF_FORMATS:  # auto chose bypass: no weight is patched, so none is rounded to its storage dtype
+        storage = {}
     sigmas = comfy.samplers.calculate_sigmas(ref_model.get_model_object("model_sampling"), "normal", STEPS)
     ref = quantized_reference.HostRoundedBruteForce("sd15", SEED, *files["truth"], strengths=(0.9, 1.1),
                                                     storage_dtypes=storage, patcher=ref_model, full_sigmas=sigmas)
@@ -188,16 +200,13 @@ def test_default_run_equals_host_rounded_brute_force(klora_pack, files, fmt):
     assert torch.equal(sample(model), before), "the base model changed after a K-LoRA run"
 
     live = result.run.host_live
-    if fmt in ("Q8_0", "Q4_0"):  # every attention projection is quantized: patched live by ComfyUI-GGUF
-        assert len(live) == len(ref.params) and result.run.rebaked == 0
-        assert "mode live: GGUF weights are patched at every forward by ComfyUI-GGUF" in result.report
-    elif fmt == "Q4_K":  # 768-wide rows are Q4_K (live), 320-wide rows F16 (re-baked at flips)
-        assert 0 < len(live) < len(ref.params) and result.run.rebaked > 0
-        assert f"live: GGUF weights are patched at every forward by ComfyUI-GGUF ({len(live)} weights)" \
-            in result.report
+    if fmt in GGUF_FORMATS:  # quantized weights (all of Q8_0/Q4_0, the 768-wide rows of Q4_K): auto is bypass
+        assert result.run.mode == "bypass" and not live and result.run.rebaked == 0 and not result.model.patches
+        assert GGUF_BYPASS_LINE in result.report, result.report
     else:  # fp8 / fp16 / bf16: baked, re-baked at flips, rounded as ComfyUI rounds (fp8: seeded, stochastic)
-        assert not live and result.run.rebaked > 0
-        assert "mode bake" in result.report
+        assert result.run.mode == "bake" and not live and result.run.rebaked > 0
+        assert "mode bake: a weight is re-baked when its choice flips (auto: ComfyUI's classic patcher" \
+            in result.report, result.report
 
 
 def test_gguf_shape_mismatch_names_the_logical_shape(klora_pack, files, tmp_path):
@@ -218,23 +227,41 @@ def test_gguf_shape_mismatch_names_the_logical_shape(klora_pack, files, tmp_path
     assert not model.patches and not model.weight_wrapper_patches
 
 
+def _loha(float_model, path, seed=42):
+    """A LoHa (rank 2 = its K's rank, alpha 2: scale 1) on every attention projection, kohya names, written to ``path``.
+
+    Returns its truth for the brute force: ``{weight key: [(delta, identity, 1.0, None)]}``, the delta
+    ``(w1_a @ w1_b) * (w2_a @ w2_b)`` written plainly (up @ down = delta @ I = delta)."""
+    modules = lora_factory.lora_modules(float_model, "kohya", "attn")
+    sd_model = float_model.model.state_dict()
+    gen = torch.Generator().manual_seed(seed)
+    loha, truth = {}, {}
+    for base in sorted(modules):
+        key = modules[base][0]
+        out_f, in_f = sd_model[key].shape
+        parts = {part: torch.randn(shape, generator=gen) * 0.3 for part, shape in (
+            ("hada_w1_a", (out_f, 2)), ("hada_w1_b", (2, in_f)), ("hada_w2_a", (out_f, 2)), ("hada_w2_b", (2, in_f)))}
+        loha.update({f"{base}.{part}": t for part, t in parts.items()})
+        loha[base + ".alpha"] = torch.tensor(2.0)
+        delta = (parts["hada_w1_a"] @ parts["hada_w1_b"]) * (parts["hada_w2_a"] @ parts["hada_w2_b"])
+        truth[key] = [(delta, torch.eye(in_f), 1.0, None)]
+    lora_factory.save_lora(loha, path)
+    return truth
+
+
 def _dense_pair(float_model, folder):
     """A DoRA subject (delta depends on the base weight) and a LoHa style, kohya names, on every projection."""
     modules = lora_factory.lora_modules(float_model, "kohya", "attn")
     sd_model = float_model.model.state_dict()
     gen = torch.Generator().manual_seed(41)
-    dora, loha = {}, {}
+    dora = {}
     for base in sorted(modules):
         out_f, in_f = sd_model[modules[base][0]].shape
         dora[base + ".lora_down.weight"] = torch.randn(4, in_f, generator=gen) * 0.1
         dora[base + ".lora_up.weight"] = torch.randn(out_f, 4, generator=gen) * 0.1
         dora[base + ".dora_scale"] = 1.0 + 0.1 * torch.rand(out_f, 1, generator=gen)
-        for part, shape in (("hada_w1_a", (out_f, 2)), ("hada_w1_b", (2, in_f)), ("hada_w2_a", (out_f, 2)),
-                            ("hada_w2_b", (2, in_f))):
-            loha[f"{base}.{part}"] = torch.randn(shape, generator=gen) * 0.3
-        loha[base + ".alpha"] = torch.tensor(2.0)
     lora_factory.save_lora(dora, folder / "dora.safetensors")
-    lora_factory.save_lora(loha, folder / "loha.safetensors")
+    _loha(float_model, folder / "loha.safetensors")
     return folder / "dora.safetensors", folder / "loha.safetensors"
 
 
@@ -269,24 +296,62 @@ def test_gguf_switches_stay_in_the_patch_list_in_live_mode(klora_pack, files):
     subject, style = handles(files)
     live = fuse_model(model, subject, style, mode="live")
     assert not live.model.weight_wrapper_patches
-    assert torch.equal(sample(live.model), sample(fuse_model(model, subject, style).model))
+    assert torch.equal(sample(live.model), sample(fuse_model(model, subject, style, mode="bake").model))
+
+
+def _brute_force(files, fmt, style_truth=None, style_rank=None):
+    """The sampled brute-force reference of the default run on ``fmt`` (nothing rounded: GGUF F32 storage).
+
+    ``style_truth`` / ``style_rank``: another style LoRA and the rank its K uses (a LoHa's inner dimension,
+    which its ``delta @ I`` truth does not carry)."""
+    import comfy.samplers
+    from support import klora_reference
+
+    ref_model, _ = reference_base(files, fmt)
+    sigmas = comfy.samplers.calculate_sigmas(ref_model.get_model_object("model_sampling"), "normal", STEPS)
+    truth_s, truth_t = files["truth"]
+    ref = quantized_reference.HostRoundedBruteForce("sd15", SEED, truth_s, style_truth or truth_t,
+                                                    patcher=ref_model, full_sigmas=sigmas)
+    if style_rank is not None:
+        plan = ref.plan
+        ref.plan = klora_reference.reference_plan(ref.subject, ref.style, plan.alpha, plan.beta, plan.pattern,
+                                                  style_rank=style_rank)
+    expected = sample(ref.patcher)
+    assert {ref.plan.uses_subject(u, p) for u in ref.plan.ts for p in ref.progress_log} == {True, False}
+    return expected
 
 
 @pytest.mark.parametrize("fmt", ["Q8_0", "Q4_0"])
-def test_bypass_on_gguf_equals_brute_force(klora_pack, files, fmt):
-    """Bypass mode on a GGUF model: ComfyUI-GGUF dequantizes as always, the hooks add the chosen LoRA after it
-    (nothing in the patch list, nothing patched live by the host); same reference as the default run."""
-    import comfy.samplers
+def test_forced_bake_on_gguf_is_patched_live_and_equals_brute_force(klora_pack, files, fmt):
+    """Mode bake on a GGUF model (what auto chose before bypass): the switches stay in the patch list and
+    ComfyUI-GGUF patches them at every forward, nothing re-baked; same reference as the default run."""
     from klora_pack.nodes.fuse import fuse_model
 
     model = load(files, fmt)
     before = sample(model)
-    result = fuse_model(model, *handles(files), mode="bypass")
-    assert result.run.mode == "bypass" and not result.run.host_live and not result.model.patches
-    ref_model, storage = reference_base(files, fmt)
-    sigmas = comfy.samplers.calculate_sigmas(ref_model.get_model_object("model_sampling"), "normal", STEPS)
-    ref = quantized_reference.HostRoundedBruteForce("sd15", SEED, *files["truth"], storage_dtypes=storage,
-                                                    patcher=ref_model, full_sigmas=sigmas)
-    torch.testing.assert_close(sample(result.model), sample(ref.patcher), atol=ATOL, rtol=RTOL)
+    result = fuse_model(model, *handles(files), mode="bake")
+    assert len(result.run.host_live) == len(result.plan.keys) and result.run.rebaked == 0
+    assert f"{GGUF_LIVE_LINE} (nothing to re-bake) (chosen by the mode input)" in result.report, result.report
+    torch.testing.assert_close(sample(result.model), _brute_force(files, fmt), atol=ATOL, rtol=RTOL)
+    assert result.run.flip_events > 0
+    assert torch.equal(sample(model), before), "the base model changed after a K-LoRA run"
+
+
+def test_auto_on_gguf_with_a_loha_keeps_live_patching(klora_pack, files, tmp_path):
+    """A LoHa has no low-rank forward form: auto on a GGUF model leaves the switches to ComfyUI-GGUF's live
+    patching and the report says why; exact against the brute force with the LoHa delta written plainly."""
+    from klora_pack.nodes.fuse import fuse_model
+    from klora_pack.nodes.handles import make_handle
+
+    model = load(files, "Q8_0")
+    before = sample(model)
+    ref_model, _ = reference_base(files, "Q8_0")
+    loha_truth = _loha(ref_model, tmp_path / "loha.safetensors")
+    subject, _ = handles(files)
+    result = fuse_model(model, subject, make_handle("style", "loha", str(tmp_path / "loha.safetensors"), 1.0))
+    assert result.run.mode == "bake" and result.run.rebaked == 0 and not result.model.weight_wrapper_patches
+    assert len(result.run.host_live) == len(result.plan.keys) == 24
+    assert GGUF_LIVE_LINE in result.report and "(auto: GGUF weights, but style LoRA 'loha'" in result.report, result.report
+    torch.testing.assert_close(sample(result.model), _brute_force(files, "Q8_0", loha_truth, style_rank=2), atol=ATOL, rtol=RTOL)
     assert result.run.flip_events > 0
     assert torch.equal(sample(model), before), "the base model changed after a K-LoRA run"

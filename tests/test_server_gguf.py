@@ -4,10 +4,11 @@ The server (tests/support/server_harness.py) gets ComfyUI-GGUF in its custom_nod
 shared source tarball, tests/support/gguf_pack.py) and the demo UNet as a Q8_0 ``.gguf`` file; graphs are
 test_server.py's, with UnetLoaderGGUF as the model loader:
 
-- forced subject (alpha = beta = 0) through K-LoRA Fuse equals the stock LoraLoaderModelOnly(subject), bit
-  for bit, on the same GGUF model;
-- the default schedule switches during sampling (the report's first/last step counts) in the live mode
-  ComfyUI-GGUF gives (the report says so), and differs from the forced run;
+- forced subject (alpha = beta = 0) through K-LoRA Fuse in mode bake (the switches in the patch list, which
+  ComfyUI-GGUF applies at every forward, as it does LoraLoaderModelOnly's) equals the stock
+  LoraLoaderModelOnly(subject), bit for bit, on the same GGUF model;
+- the default schedule in the automatic mode, bypass on GGUF (the report says so and why), switches during
+  sampling (the report's first/last step counts) and differs from the forced run;
 - a plain run after the K-LoRA runs is bit-identical to one before them.
 
 Without the tarball or the ``gguf`` package: fails under CI=true, skips (with the reason) elsewhere.
@@ -57,7 +58,7 @@ def test_klora_on_gguf_through_comfyui_gguf(server):
     assert "UnetLoaderGGUF" in server.object_info(), server.log_text()[-3000:]
     before = _latent(server, server.run(_plain(names, 10000)))
 
-    forced_entry = server.run(_on_gguf(_klora(names, alpha=0.0, beta=0.0)))
+    forced_entry = server.run(_on_gguf(_klora(names, alpha=0.0, beta=0.0, mode="bake")))
     forced = _latent(server, forced_entry)
     subject_only = _latent(server, server.run(_on_gguf(_lora_only(names, names["subject"]))))
     assert torch.equal(forced, subject_only), "forced subject differs from LoraLoaderModelOnly(subject)"
@@ -65,7 +66,8 @@ def test_klora_on_gguf_through_comfyui_gguf(server):
 
     entry = server.run(_on_gguf(_klora(names)))
     report = "\n".join(entry["outputs"]["12"]["text"])
-    assert "mode live: GGUF weights are patched at every forward by ComfyUI-GGUF" in report, report
+    assert "mode bypass: weights untouched, the chosen LoRA is added at forward time (auto: GGUF weights; " \
+        "bypass adds the low-rank term at forward" in report, report
     first, last = _first_last_subject(report)
     assert first > last, report
     klora = _latent(server, entry)
