@@ -65,6 +65,12 @@ def _load_safetensors(path: str, label: str) -> dict:
     import safetensors.torch
 
     try:
+        return safetensors.torch.load_file(path, device="cpu")
+    except Exception as exc:  # safetensors raises SafetensorError, OSError, ValueError...
+        failure = exc
+    # Only a file safetensors refuses is looked at further: a valid file's first bytes are its header
+    # length, which can begin with the same byte as a pickle (0x80 for any length of 128 mod 256).
+    try:
         with open(path, "rb") as f:
             head = f.read(4)
     except OSError as exc:
@@ -73,12 +79,10 @@ def _load_safetensors(path: str, label: str) -> dict:
         raise KLoRAError(f"{label}: '{path}' is a PyTorch pickle checkpoint named like a safetensors file; it was "
                          "not loaded. Rename it to .pt (read with torch's weights-only loader) or convert it to "
                          ".safetensors")
-    try:
-        return safetensors.torch.load_file(path, device="cpu")
-    except Exception as exc:  # safetensors raises SafetensorError, OSError, ValueError...
-        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise KLoRAError(f"{label}: '{path}' is not a valid safetensors file ({detail}); it may be truncated or "
-                         "corrupt: download or copy it again") from None
+    text = str(failure).strip()
+    detail = text.splitlines()[0][:200] if text else type(failure).__name__
+    raise KLoRAError(f"{label}: '{path}' is not a valid safetensors file ({detail}); it may be truncated or "
+                     "corrupt: download or copy it again") from None
 
 
 def _load_weights_only(path: str, label: str) -> dict:

@@ -141,3 +141,27 @@ def test_weights_only_pickle_reads_like_its_safetensors_twin(klora_pack, tmp_pat
                          "--out", str(tmp_path / f"{subject_file.suffix[1:]}.png")]) == 0
         tables.append(capsys.readouterr().out.split("\nwrote ")[0])
     assert tables[0] == tables[1] and "S" in tables[0] and "T" in tables[0]
+
+
+@pytest.mark.parametrize("low_byte", [0x80, 0x50])
+def test_a_valid_safetensors_file_is_never_taken_for_a_pickle(tmp_path, low_byte):
+    """A safetensors file starts with its header length (8 bytes, little-endian): any length of 128 mod 256
+    begins with 0x80, a raw pickle's first byte.  Such a file is valid and must load, tensors unchanged."""
+    import struct
+
+    from klora_core.safe_load import load_tensors
+
+    tensors = {"lora_unet_a.lora_up.weight": torch.arange(12.0).reshape(3, 4),
+               "lora_unet_a.lora_down.weight": torch.ones(4, 2)}
+    path = tmp_path / "header.safetensors"
+    for pad in range(0, 600):  # the metadata's length moves the header length until its low byte is low_byte
+        save_file(tensors, str(path), metadata={"note": "x" * pad})
+        header_length = struct.unpack("<Q", path.read_bytes()[:8])[0]
+        if header_length % 256 == low_byte:
+            break
+    else:
+        pytest.fail(f"no header length with low byte {low_byte:#x} within 600 paddings")
+    loaded = load_tensors(path, LABEL)
+    assert sorted(loaded) == sorted(tensors)
+    for name, tensor in tensors.items():
+        assert torch.equal(loaded[name], tensor), name
