@@ -65,9 +65,29 @@ PORT_NAMES = (
     ("z_image", "x_embedder", "all_x_embedder.2-1"),
     ("z_image", "final_layer.linear", "all_final_layer.2-1.linear"),
     ("z_image", "final_layer.adaLN_modulation.1", "all_final_layer.2-1.adaLN_modulation.1"),
+    # Cosmos Predict2: diffusers' CosmosTransformer3DModel (its Cosmos 2 layout)
+    ("cosmos_predict2", "blocks.{N}.self_attn.{qkv}_proj", "transformer_blocks.{N}.attn1.to_{qkv}"),
+    ("cosmos_predict2", "blocks.{N}.self_attn.output_proj", "transformer_blocks.{N}.attn1.to_out.0"),
+    ("cosmos_predict2", "blocks.{N}.cross_attn.{qkv}_proj", "transformer_blocks.{N}.attn2.to_{qkv}"),
+    ("cosmos_predict2", "blocks.{N}.cross_attn.output_proj", "transformer_blocks.{N}.attn2.to_out.0"),
+    ("cosmos_predict2", "blocks.{N}.mlp.layer1", "transformer_blocks.{N}.ff.net.0.proj"),
+    ("cosmos_predict2", "blocks.{N}.mlp.layer2", "transformer_blocks.{N}.ff.net.2"),
+    ("cosmos_predict2", "blocks.{N}.adaln_modulation_self_attn.{n12}", "transformer_blocks.{N}.norm1.linear_{n12}"),
+    ("cosmos_predict2", "blocks.{N}.adaln_modulation_cross_attn.{n12}", "transformer_blocks.{N}.norm2.linear_{n12}"),
+    ("cosmos_predict2", "blocks.{N}.adaln_modulation_mlp.{n12}", "transformer_blocks.{N}.norm3.linear_{n12}"),
+    ("cosmos_predict2", "t_embedder.1.linear_{n12}", "time_embed.t_embedder.linear_{n12}"),
+    ("cosmos_predict2", "x_embedder.proj.1", "patch_embed.proj"),
+    # written out (not ``linear_{n12}``) so that the clash with Lumina 2's port above is seen
+    ("cosmos_predict2", "final_layer.adaln_modulation.1", "norm_out.linear_1"),
+    ("cosmos_predict2", "final_layer.adaln_modulation.2", "norm_out.linear_2"),
+    ("cosmos_predict2", "final_layer.linear", "proj_out"),
 )
-#: Port names the command line leaves alone: other families give the same name to another layer.
-AMBIGUOUS_PORT_NAMES = frozenset({"proj_out", "patch_embedding"})
+#: Port names the command line leaves alone: other families give the same name to another layer
+#: (``proj_out``, ``patch_embedding``), or two ports name two different layers alike (``norm_out.linear_1``
+#: is Lumina 2's ``final_layer.adaLN_modulation.1`` and Cosmos Predict2's ``final_layer.adaln_modulation.1``).
+AMBIGUOUS_PORT_NAMES = frozenset({"proj_out", "patch_embedding"}) | frozenset(
+    port for _, comfy, port in PORT_NAMES
+    if any(other_port == port and other_comfy != comfy for _, other_comfy, other_port in PORT_NAMES))
 #: Further spellings that pair in the command line: ``(port pattern, ComfyUI pattern)``.
 _CLI_ONLY = (
     ("double_blocks.{N}.{side}_mod.linear", "double_blocks.{N}.{side}_mod.lin"),  # diffusion-pipe HunyuanVideo

@@ -126,6 +126,10 @@ def _wan(model, model_keys) -> dict:
     return _port_names(model_keys, "wan")
 
 
+def _cosmos_predict2(model, model_keys) -> dict:
+    return _port_names(model_keys, "cosmos_predict2")
+
+
 def _ltxv(model, model_keys) -> dict:
     return _port_names(model_keys, "ltxv", identity=True)
 
@@ -186,6 +190,7 @@ _FAMILY_NAMES = (
     ("HunyuanVideo", _hunyuan_video),
     ("WAN21", _wan),  # Wan 2.1 and 2.2
     ("LTXV", _ltxv),
+    ("CosmosPredict2", _cosmos_predict2),
     ("Lumina2", _lumina),  # Lumina 2 and Z-Image
     ("SD3", _comfy_table("mmdit_to_diffusers")),
     ("PixArt", _comfy_table("pixart_to_diffusers")),

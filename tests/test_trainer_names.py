@@ -176,10 +176,16 @@ CROSS_LAYOUT_LIMITS = {
     "auraflow": "its diffusers single blocks are named like FLUX's (single_transformer_blocks.N.attn.to_q)",
 }
 SPLIT_PORTS = tuple(f for f, why in CROSS_LAYOUT_LIMITS.items() if "fused" in why)
-#: Same layer, a name that cannot be told apart without the model: Wan's output layer is
-#: ``proj_out`` in diffusers, a name other families give to other layers.
-NOT_BY_NAME = {"wan21_t2v": {"diffusion_model.head.head.weight"}, "wan21_i2v": {"diffusion_model.head.head.weight"},
-               "wan22": {"diffusion_model.head.head.weight"}}
+#: Same layer, a name that cannot be told apart without the model: Wan's and Cosmos Predict2's output
+#: layers are ``proj_out`` in diffusers, a name other families give to other layers; Lumina 2's and
+#: Cosmos Predict2's ports both name their final modulation ``norm_out.linear_1/2`` (other layers).
+_WAN_HEAD = {"diffusion_model.head.head.weight"}
+_LUMINA_FINAL = {"diffusion_model.final_layer.adaLN_modulation.1.weight", "diffusion_model.final_layer.linear.weight"}
+NOT_BY_NAME = {"wan21_t2v": _WAN_HEAD, "wan21_i2v": _WAN_HEAD, "wan22": _WAN_HEAD,
+               "lumina2": _LUMINA_FINAL, "z_image": _LUMINA_FINAL,
+               "cosmos_predict2": {"diffusion_model.final_layer.linear.weight",
+                                   "diffusion_model.final_layer.adaln_modulation.1.weight",
+                                   "diffusion_model.final_layer.adaln_modulation.2.weight"}}
 #: SD1.5/SDXL pairing of LDM and diffusers names assumes two res blocks per UNet level, which the
 #: tiny test UNets do not have (klora_core/lora_file.py and its tests cover full-size names).
 UNET_FAMILIES = ("sd15", "sdxl")
@@ -242,7 +248,8 @@ def test_name_rule_agrees_with_the_architecture_in_every_naming(klora_pack, fami
 # ------------------------------------------------------------------ what ComfyUI alone does with these files
 #: Namings ComfyUI itself maps to nothing (0.3.75 and 0.8.0): LoraLoader silently patches nothing.
 COMFY_LOADS_NONE = [("wan21_t2v", "diffusers"), ("wan21_i2v", "diffusers"), ("hunyuan_video", "diffusers"),
-                    ("ltxv", "diffusers"), ("z_image", "kohya_diffusers"), ("lumina2", "diffusers")]
+                    ("ltxv", "diffusers"), ("z_image", "kohya_diffusers"), ("lumina2", "diffusers"),
+                    ("cosmos_predict2", "diffusers")]
 
 
 @pytest.mark.parametrize("family,style", COMFY_LOADS_NONE, ids=[f"{f}-{s}" for f, s in COMFY_LOADS_NONE])

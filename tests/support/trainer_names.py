@@ -54,7 +54,7 @@ TRAINER_STYLES = {
     "wan22": ("kohya", "comfy_peft", "diffusers", "peft"),
     "hunyuan_video": ("kohya", "comfy_peft", "diffusion_pipe", "diffusers"),
     "ltxv": ("kohya", "comfy_peft", "diffusers"),
-    "cosmos_predict2": ("kohya", "comfy_peft"),
+    "cosmos_predict2": ("kohya", "comfy_peft", "diffusers", "peft"),
     "pixart": ("kohya", "comfy_peft", "diffusers"),
     "auraflow": ("kohya", "comfy_peft", "diffusers"),
     "stable_cascade": ("kohya", "comfy_peft", "kohya_prior"),
@@ -165,6 +165,32 @@ def ltxv_paths(model_patcher) -> dict:
     return out
 
 
+#: Cosmos Predict2: diffusers' renames of the original (= ComfyUI's) names, applied in this order
+#: (diffusers' scripts/convert_cosmos_to_diffusers.py, its Cosmos 2.0 table: substring replacements).
+_COSMOS_RENAMES = (
+    ("t_embedder.1", "time_embed.t_embedder"), ("blocks", "transformer_blocks"),
+    ("adaln_modulation_self_attn.1", "norm1.linear_1"), ("adaln_modulation_self_attn.2", "norm1.linear_2"),
+    ("adaln_modulation_cross_attn.1", "norm2.linear_1"), ("adaln_modulation_cross_attn.2", "norm2.linear_2"),
+    ("adaln_modulation_mlp.1", "norm3.linear_1"), ("adaln_modulation_mlp.2", "norm3.linear_2"),
+    ("self_attn", "attn1"), ("cross_attn", "attn2"), ("q_proj", "to_q"), ("k_proj", "to_k"),
+    ("v_proj", "to_v"), ("output_proj", "to_out.0"), ("mlp.layer1", "ff.net.0.proj"), ("mlp.layer2", "ff.net.2"),
+    ("x_embedder.proj.1", "patch_embed.proj"), ("final_layer.adaln_modulation.1", "norm_out.linear_1"),
+    ("final_layer.adaln_modulation.2", "norm_out.linear_2"), ("final_layer.linear", "proj_out"),
+)
+
+
+def cosmos_predict2_paths(model_patcher) -> dict:
+    """Cosmos Predict2: diffusers' CosmosTransformer3DModel names of every 2-D weight."""
+    out = {}
+    for key, tensor in _sd(model_patcher).items():
+        if key.startswith(_DM) and key.endswith(".weight") and tensor.ndim >= 2:
+            path = key[len(_DM):-len(".weight")]
+            for old, new in _COSMOS_RENAMES:
+                path = path.replace(old, new)
+            out[path] = (key, None)
+    return out
+
+
 def _lumina_widths(model_patcher) -> tuple:
     config = model_patcher.model.model_config.unet_config
     head = config["dim"] // config["n_heads"]
@@ -246,7 +272,7 @@ def identity_paths(model_patcher) -> dict:
 _DIT_PATHS = {
     "wan21_t2v": wan_paths, "wan21_i2v": wan_paths, "wan22": wan_paths, "wan21_t2v_native": wan_paths,
     "hunyuan_video": hunyuan_video_paths, "hunyuan_video_native": hunyuan_video_paths,
-    "ltxv": ltxv_paths, "lumina2": lumina2_port_paths, "z_image": zimage_port_paths,
+    "ltxv": ltxv_paths, "cosmos_predict2": cosmos_predict2_paths, "lumina2": lumina2_port_paths, "z_image": zimage_port_paths,
     "sd35": _comfy_utils_table("mmdit_to_diffusers"), "pixart": _comfy_utils_table("pixart_to_diffusers"),
     "auraflow": _comfy_utils_table("auraflow_to_diffusers"),
     "hidream": identity_paths, "qwen_image": identity_paths, "kandinsky5": identity_paths,
