@@ -122,18 +122,6 @@ _HUNYUAN_RULES = (
 )
 
 
-def _wan(model, model_keys) -> dict:
-    return _port_names(model_keys, "wan")
-
-
-def _cosmos_predict2(model, model_keys) -> dict:
-    return _port_names(model_keys, "cosmos_predict2")
-
-
-def _ltxv(model, model_keys) -> dict:
-    return _port_names(model_keys, "ltxv", identity=True)
-
-
 def _hunyuan_video(model, model_keys) -> dict:
     """Double/single blocks as FLUX's diffusers port (ComfyUI's flux table), then the rest.
 
@@ -184,13 +172,18 @@ def _comfy_table(function_name: str):
     return lambda model, model_keys: _from_comfy_table(function_name, model, model_keys)
 
 
+def _ports(family: str, identity: bool = False):
+    """A family whose port renames modules one for one (klora_core.name_aliases.PORT_NAMES)."""
+    return lambda model, model_keys: _port_names(model_keys, family, identity)
+
+
 #: ``(ComfyUI model class name, names function)``; classes a version lacks are skipped.
 _FAMILY_NAMES = (
     ("Flux", _comfy_table("flux_to_diffusers")),  # FLUX.1, Chroma, FLUX.2
     ("HunyuanVideo", _hunyuan_video),
-    ("WAN21", _wan),  # Wan 2.1 and 2.2
-    ("LTXV", _ltxv),
-    ("CosmosPredict2", _cosmos_predict2),
+    ("WAN21", _ports("wan")),  # Wan 2.1 and 2.2
+    ("LTXV", _ports("ltxv", identity=True)),
+    ("CosmosPredict2", _ports("cosmos_predict2")),
     ("Lumina2", _lumina),  # Lumina 2 and Z-Image
     ("SD3", _comfy_table("mmdit_to_diffusers")),
     ("PixArt", _comfy_table("pixart_to_diffusers")),

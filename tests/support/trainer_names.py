@@ -272,7 +272,8 @@ def identity_paths(model_patcher) -> dict:
 _DIT_PATHS = {
     "wan21_t2v": wan_paths, "wan21_i2v": wan_paths, "wan22": wan_paths, "wan21_t2v_native": wan_paths,
     "hunyuan_video": hunyuan_video_paths, "hunyuan_video_native": hunyuan_video_paths,
-    "ltxv": ltxv_paths, "cosmos_predict2": cosmos_predict2_paths, "lumina2": lumina2_port_paths, "z_image": zimage_port_paths,
+    "ltxv": ltxv_paths, "cosmos_predict2": cosmos_predict2_paths,
+    "lumina2": lumina2_port_paths, "z_image": zimage_port_paths,
     "sd35": _comfy_utils_table("mmdit_to_diffusers"), "pixart": _comfy_utils_table("pixart_to_diffusers"),
     "auraflow": _comfy_utils_table("auraflow_to_diffusers"),
     "hidream": identity_paths, "qwen_image": identity_paths, "kandinsky5": identity_paths,
